@@ -1,0 +1,123 @@
+"""Per-epoch ID accuracy and OOD metrics, logged like any other metric.
+
+``OODEvaluation`` runs in ``on_validation_epoch_end``, which Lightning calls before
+``ModelCheckpoint`` decides what to save, so ``monitor: ood/far/msp/auroc`` works. It evaluates every
+``every_n_epochs`` epochs and at ``test``; a checkpoint monitoring an OOD key therefore needs the
+same period (or ``every_n_epochs: 1``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from robustft.callbacks.plots import log_score_plots
+from robustft.data.datamodule import OODDataModule
+from robustft.evaluation.engine import EvaluationResult, check_evaluable, evaluate_model
+from robustft.methods.base import OODMethod
+from robustft.ood.report import check_writable, format_table, write_report
+
+
+def flatten_report(report: dict) -> dict[str, float]:
+    """``id/acc``, ``ood/<set>/<score>/<metric>`` and ``ood/<group>/<score>/<metric>`` scalars."""
+    flat = {"id/acc": float(report["id"]["acc"])}
+    for set_name, scores in report["ood"].items():
+        for score, metrics in scores.items():
+            for metric, value in metrics.items():
+                if metric != "n":
+                    flat[f"ood/{set_name}/{score}/{metric}"] = float(value)
+    for group, scores in report["groups"].items():
+        for score, metrics in scores.items():
+            for metric, value in metrics.items():
+                if metric not in ("n", "sets"):
+                    flat[f"ood/{group}/{score}/{metric}"] = float(value)
+    return flat
+
+
+class OODEvaluation(pl.Callback):
+    """Evaluate ID accuracy and OOD detection every ``every_n_epochs`` epochs and at ``test``.
+
+    Args:
+        every_n_epochs: evaluation period during ``fit`` (0 = only at ``test``).
+        report_dir: where the latest report files go (default ``<log_dir>/ood_report``).
+        plots: log per-set score histograms and ROC curves to TensorBoard (on the default score).
+        tune: tune score hyper-parameters on the OOD *validation* sets before each evaluation.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, report_dir: str | None = None, plots: bool = True, tune: bool = False):
+        super().__init__()
+        if every_n_epochs < 0:
+            raise ValueError(f"OODEvaluation.every_n_epochs must be >= 0, got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+        self.report_dir = report_dir
+        self.plots = plots
+        self.tune = tune
+        self.last_result: EvaluationResult | None = None
+
+    def _datamodule(self, trainer: pl.Trainer) -> OODDataModule:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, OODDataModule):
+            raise TypeError("OODEvaluation needs an OODDataModule as the trainer's datamodule")
+        return datamodule
+
+    def _report_dir(self, trainer: pl.Trainer) -> Path:
+        if self.report_dir is not None:
+            return Path(self.report_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "ood_report"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Fail fast, before training: scores buildable for this method, OOD sets present, dir writable."""
+        if not isinstance(pl_module, OODMethod):
+            raise TypeError(f"OODEvaluation needs an OODMethod, got {type(pl_module).__name__}")
+        datamodule = self._datamodule(trainer)
+        datamodule.setup(stage)
+        check_evaluable(pl_module, datamodule)
+        if trainer.is_global_zero:
+            check_writable(self._report_dir(trainer))
+
+    def _run(self, trainer: pl.Trainer, pl_module: OODMethod) -> None:
+        result = evaluate_model(
+            pl_module,
+            self._datamodule(trainer),
+            device=pl_module.device,
+            tune=self.tune,
+            meta={"epoch": trainer.current_epoch, "global_step": trainer.global_step},
+        )
+        self.last_result = result
+        # identical on every rank (outputs are gathered), so no cross-rank reduction is needed
+        pl_module.log_dict(flatten_report(result.report), sync_dist=False, rank_zero_only=False)
+        if trainer.is_global_zero:
+            write_report(result.report, self._report_dir(trainer))
+            self._plot(trainer, pl_module, result)
+
+    def _plot(self, trainer: pl.Trainer, pl_module: OODMethod, result: EvaluationResult) -> None:
+        if not self.plots:
+            return
+        score = pl_module.default_score if pl_module.default_score in result.id_scores else next(iter(result.id_scores))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for set_name, scores in result.ood_scores.items():
+                    log_score_plots(
+                        logger.experiment, f"scores/{set_name}/{score}", result.id_scores[score], scores[score],
+                        trainer.global_step,
+                    )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_epochs == 0:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.current_epoch + 1 == trainer.max_epochs:
+            self._run(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module)
+        self._print(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._print(trainer)
+
+    def _print(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero and self.last_result is not None:
+            rank_zero_info(f"\n{format_table(self.last_result.report)}\nreport: {self._report_dir(trainer)}")

@@ -1,0 +1,91 @@
+"""``python -m robustft fit|validate|test|predict|evaluate --config cfg.yaml``.
+
+One LightningCLI subclass. Models and datamodules are given as ``class_path`` / ``init_args`` (any
+:class:`~robustft.methods.base.OODMethod` / :class:`~robustft.data.OODDataModule` subclass; short class
+names work because the packages are imported here). ``evaluate`` is a method of :class:`RobustTrainer`
+registered as a subcommand, so it parses exactly like ``fit``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+import robustft.callbacks  # noqa: F401 - lets YAML name callbacks by class name
+import robustft.methods  # noqa: F401 - lets YAML name methods by class name
+from robustft.callbacks.ood_eval import OODEvaluation
+from robustft.checkpointing import AtomicCheckpointIO
+from robustft.data.datamodule import OODDataModule
+from robustft.methods.base import OODMethod
+from robustft.ood.report import check_writable
+
+
+class RobustTrainer(pl.Trainer):
+    """``lightning.pytorch.Trainer`` with atomic checkpoints and an ``evaluate`` entry point."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        plugins = kwargs.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, pl.plugins.CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
+        super().__init__(*args, **kwargs)
+
+    def evaluate(
+        self,
+        model: OODMethod,
+        datamodule: OODDataModule,
+        ckpt_path: str | None = None,
+        report_dir: str = "reports",
+        tune: bool = False,
+    ) -> dict:
+        """Evaluate a checkpoint of any method (or the configured model's own weights) on the ID test set
+        and every OOD set; write ``report.json``, ``report.csv`` and ``report.md`` into ``report_dir``.
+
+        Args:
+            model: the method (its hyper-parameters come from ``ckpt_path`` when one is given).
+            datamodule: ID and OOD data.
+            ckpt_path: a checkpoint written by ``fit``; omit to evaluate the model as configured
+                (e.g. a classifier whose ``backbone_weights`` is a plain weights file).
+            report_dir: output folder of the report files.
+            tune: tune score hyper-parameters on ``data.ood_val`` (never on test sets) first.
+        """
+        check_writable(report_dir)
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path: '{ckpt_path}' is not a file; give a checkpoint written by fit")
+        callback = next((c for c in self.callbacks if isinstance(c, OODEvaluation)), None)
+        if callback is None:
+            callback = OODEvaluation(every_n_epochs=0)
+            self.callbacks.append(callback)
+        callback.report_dir = report_dir
+        callback.tune = tune
+        self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        return callback.last_result.report
+
+
+class RobustFTCLI(LightningCLI):
+    """LightningCLI with the ``evaluate`` subcommand."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+
+
+def main(args: list[str] | None = None, run: bool = True) -> RobustFTCLI:
+    """Entry point of ``python -m robustft``; ``args`` lets tests drive the real CLI in-process."""
+    return RobustFTCLI(
+        OODMethod,
+        OODDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_class=RobustTrainer,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )

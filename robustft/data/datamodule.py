@@ -1,0 +1,231 @@
+"""``OODDataModule``: the one description of data shared by every method.
+
+ID train / val / test plus named OOD sets grouped (``near``, ``far``, ...) and optional OOD
+*validation* sets for hyper-parameter tuning. Transforms come from the model's backbone, so the same
+YAML data block works for a CIFAR ResNet and a CLIP ViT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from robustft.backbones.base import PreprocessConfig
+from robustft.data.sources import DataConfigError, DatasetSpec, LabeledImages, load_dataset
+from robustft.data.transforms import AUGMENTATIONS, eval_transform, train_transform
+
+DEFAULT_PREPROCESS = PreprocessConfig(image_size=32)
+
+
+class IndexedDataset(Dataset):
+    """Applies a transform and returns dict samples with the sample's index.
+
+    The index travels with every sample so that distributed evaluation can put gathered outputs back
+    in order and count each sample exactly once.
+    """
+
+    def __init__(self, images: LabeledImages, transform: Callable, indices: np.ndarray | None = None) -> None:
+        self.images = images
+        self.transform = transform
+        self.indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.images.labels[self.indices]
+
+    def __getitem__(self, position: int) -> dict:
+        image, label = self.images[int(self.indices[position])]
+        return {"image": self.transform(image), "label": label, "index": position}
+
+
+class OODDataModule(pl.LightningDataModule):
+    """ID train/val/test and grouped OOD sets.
+
+    Args:
+        train: ID training set.
+        test: ID test set (the ID side of every OOD metric).
+        val: ID validation set; when omitted, ``val_fraction`` of ``train`` is carved off with ``seed``.
+        ood: OOD test sets, ``{group: {name: spec}}``, e.g. ``{"near": {"tin": ...}, "far": {...}}``.
+        ood_val: OOD validation sets ``{name: spec}``, used only to tune post-hoc hyper-parameters.
+        val_fraction: fraction of ``train`` held out as ID validation when ``val`` is not given.
+        batch_size: training batch size (per process).
+        eval_batch_size: batch size of evaluation loaders (defaults to ``batch_size``).
+        num_workers: DataLoader workers.
+        augmentation: ``crop_flip`` (CIFAR), ``random_resized_crop`` (CLIP fine-tuning) or ``none``.
+        preprocess: overrides the backbone's preprocessing (size/mean/std); normally left unset.
+        seed: seed of the validation split.
+    """
+
+    def __init__(
+        self,
+        train: DatasetSpec,
+        test: DatasetSpec,
+        val: DatasetSpec | None = None,
+        ood: dict[str, dict[str, DatasetSpec]] | None = None,
+        ood_val: dict[str, DatasetSpec] | None = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        augmentation: str = "crop_flip",
+        preprocess: PreprocessConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if augmentation not in AUGMENTATIONS:
+            raise DataConfigError(f"data.augmentation: unknown '{augmentation}'; choose one of {', '.join(AUGMENTATIONS)}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise DataConfigError(f"data.batch_size: must be >= 1, got {batch_size}")
+        self.specs = {"train": train, "test": test, "val": val}
+        self.ood_specs = ood or {}
+        self.ood_val_specs = ood_val or {}
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.augmentation = augmentation
+        self.preprocess_override = preprocess
+        self.seed = seed
+        self._loaded: dict[str, LabeledImages] = {}
+        self._train_indices: np.ndarray | None = None
+        self._val_indices: np.ndarray | None = None
+
+    # ----------------------------------------------------------------------------------- loading
+    def _load(self, key: str, spec: DatasetSpec, field_name: str) -> LabeledImages:
+        if key not in self._loaded:
+            self._loaded[key] = load_dataset(spec, field_name)
+        return self._loaded[key]
+
+    @property
+    def train_images(self) -> LabeledImages:
+        return self._load("train", self.specs["train"], "data.train")
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train_images.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def ood_groups(self) -> dict[str, list[str]]:
+        """``{group: [set names]}`` in config order."""
+        return {group: list(sets) for group, sets in self.ood_specs.items()}
+
+    def _split_train_val(self) -> None:
+        n = len(self.train_images)
+        if self.specs["val"] is not None or self.val_fraction == 0:
+            self._train_indices, self._val_indices = np.arange(n), np.arange(0)
+            return
+        permutation = np.random.default_rng(self.seed).permutation(n)
+        n_val = max(1, int(round(n * self.val_fraction)))
+        self._val_indices = np.sort(permutation[:n_val])
+        self._train_indices = np.sort(permutation[n_val:])
+
+    def resolve_preprocess(self) -> PreprocessConfig:
+        """The override if given, else the attached model's backbone preprocessing, else CIFAR 32x32."""
+        if self.preprocess_override is not None:
+            return self.preprocess_override
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return getattr(model, "preprocess", None) or DEFAULT_PREPROCESS
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load every configured set now, so a bad path fails before any training starts."""
+        self.train_images  # noqa: B018 - loads and validates
+        self._load("test", self.specs["test"], "data.test")
+        if self.specs["val"] is not None:
+            self._load("val", self.specs["val"], "data.val")
+        for group, sets in self.ood_specs.items():
+            for name, spec in sets.items():
+                self._load(f"ood/{name}", spec, f"data.ood.{group}.{name}")
+        for name, spec in self.ood_val_specs.items():
+            self._load(f"ood_val/{name}", spec, f"data.ood_val.{name}")
+        if self._train_indices is None:
+            self._split_train_val()
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        k = self.num_classes
+        for key in ("test", "val"):
+            if key in self._loaded and len(self._loaded[key].labels):
+                top = int(self._loaded[key].labels.max())
+                if top >= k:
+                    raise DataConfigError(
+                        f"data.{key}: has label {top} but data.train has only {k} classes; ID sets must share "
+                        "the training label space"
+                    )
+
+    # ----------------------------------------------------------------------------------- datasets
+    def train_dataset(self) -> IndexedDataset:
+        cfg = self.resolve_preprocess()
+        return IndexedDataset(self.train_images, train_transform(cfg, self.augmentation), self._train_indices)
+
+    def reference_dataset(self) -> IndexedDataset:
+        """ID training images with the *evaluation* transform: the reference bank of KNN/MDS/ViM."""
+        return IndexedDataset(self.train_images, eval_transform(self.resolve_preprocess()), self._train_indices)
+
+    def val_dataset(self) -> IndexedDataset | None:
+        transform = eval_transform(self.resolve_preprocess())
+        if self.specs["val"] is not None:
+            return IndexedDataset(self._loaded["val"], transform)
+        if self._val_indices is not None and len(self._val_indices):
+            return IndexedDataset(self.train_images, transform, self._val_indices)
+        return None
+
+    def test_dataset(self) -> IndexedDataset:
+        return IndexedDataset(self._loaded["test"], eval_transform(self.resolve_preprocess()))
+
+    def ood_datasets(self, split: str = "test") -> dict[str, IndexedDataset]:
+        """OOD sets with the evaluation transform: ``split='test'`` the grouped sets, ``'val'`` ood_val."""
+        transform = eval_transform(self.resolve_preprocess())
+        if split == "test":
+            names = [name for sets in self.ood_specs.values() for name in sets]
+            return {name: IndexedDataset(self._loaded[f"ood/{name}"], transform) for name in names}
+        if split == "val":
+            return {name: IndexedDataset(self._loaded[f"ood_val/{name}"], transform) for name in self.ood_val_specs}
+        raise ValueError(f"split must be 'test' or 'val', got '{split}'")
+
+    # ----------------------------------------------------------------------------------- loaders
+    def eval_loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        """A deterministic evaluation loader (no shuffle, no dropped samples)."""
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_dataset(),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        dataset = self.val_dataset()
+        return self.eval_loader(dataset) if dataset is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_loader(self.test_dataset())
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.eval_loader(self.test_dataset())

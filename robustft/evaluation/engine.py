@@ -1,0 +1,165 @@
+"""Run a method over ID and OOD sets once and turn its scores into the report.
+
+Shared by the per-epoch :class:`~robustft.callbacks.OODEvaluation` callback and the ``evaluate``
+subcommand, so the two can never disagree. Each sample goes through ``forward_eval`` exactly once;
+every score is computed from those cached outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robustft.data.datamodule import IndexedDataset, OODDataModule
+from robustft.evaluation.distributed import ShardSampler, gather_by_index, world
+from robustft.methods.base import OODMethod
+from robustft.ood.metrics import ood_metrics
+from robustft.ood.report import build_report
+from robustft.ood.scores import build_score, tune_score
+
+
+class EvaluationConfigError(ValueError):
+    """The evaluation cannot run as configured (no OOD sets, empty set, ...)."""
+
+
+@dataclass
+class EvaluationResult:
+    """The report plus the raw per-sample scores (for histograms / ROC plots)."""
+
+    report: dict[str, Any]
+    id_scores: dict[str, Tensor]
+    ood_scores: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def collect_outputs(
+    model: OODMethod, datamodule: OODDataModule, dataset: IndexedDataset, device: torch.device
+) -> dict[str, Tensor]:
+    """``forward_eval`` over ``dataset`` (this rank's shard), gathered across ranks, ordered by index."""
+    loader = datamodule.eval_loader(dataset, sampler=ShardSampler(len(dataset)))
+    keep = model.output_keys()
+    chunks: dict[str, list[Tensor]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            outputs = model.forward_eval(batch)
+            outputs = {k: v for k, v in outputs.items() if k in keep}
+            outputs["label"] = batch["label"]
+            outputs["index"] = batch["index"]
+            for key, value in outputs.items():
+                chunks.setdefault(key, []).append(value.detach().float() if value.is_floating_point() else value)
+    finally:
+        model.train(was_training)
+    if not chunks:  # this rank got no samples (tiny set, many ranks): contribute empty tensors
+        probe = model.forward_eval({k: v[:1].to(device) for k, v in _first_batch(datamodule, dataset).items()})
+        chunks = {k: [v[:0].float()] for k, v in probe.items() if k in keep}
+        chunks["label"] = [torch.zeros(0, dtype=torch.long, device=device)]
+        chunks["index"] = [torch.zeros(0, dtype=torch.long, device=device)]
+    local = {key: torch.cat(values) for key, values in chunks.items()}
+    gathered = gather_by_index(local, backend_device=device)
+    if len(gathered["index"]) != len(dataset):
+        raise RuntimeError(f"evaluated {len(gathered['index'])} samples of a set of {len(dataset)}")
+    return gathered
+
+
+def _first_batch(datamodule: OODDataModule, dataset: IndexedDataset) -> dict[str, Tensor]:
+    return next(iter(datamodule.eval_loader(dataset)))
+
+
+def check_evaluable(model: OODMethod, datamodule: OODDataModule) -> None:
+    """Fail before any long computation: scores must be buildable, OOD sets present and non-empty."""
+    model.build_scores()
+    if not datamodule.ood_specs or not any(datamodule.ood_specs.values()):
+        raise EvaluationConfigError(
+            "data.ood: no OOD sets configured; add e.g. data.init_args.ood.far.<name>: {source: npz, path: ...}"
+        )
+
+
+def tune_on_ood_val(
+    model: OODMethod, datamodule: OODDataModule, device: torch.device, reference: dict[str, Tensor] | None
+) -> dict[str, dict[str, Any]]:
+    """OpenOOD's APS: pick each score's hyper-parameters by AUROC of ID-val vs the OOD *validation* sets.
+
+    Never looks at OOD test sets. Updates ``model.score_kwargs`` and rebuilds the scores.
+    """
+    val = datamodule.val_dataset()
+    ood_val = datamodule.ood_datasets("val")
+    if val is None or not ood_val:
+        raise EvaluationConfigError(
+            "tuning needs an ID validation set (data.val or data.val_fraction > 0) and data.ood_val sets"
+        )
+    id_val = collect_outputs(model, datamodule, val, device)
+    ood_outputs = [collect_outputs(model, datamodule, ds, device) for ds in ood_val.values()]
+    pooled = {k: torch.cat([o[k] for o in ood_outputs]) for k in ood_outputs[0] if k != "index"}
+    head = model.classifier_head()
+    head = None if head is None else (head[0].detach().float(), head[1].detach().float())
+    tuned = {}
+    for name in model.score_names:
+        score = build_score(name, **model.score_kwargs.get(name, {}))
+        if not score.search_space:
+            continue
+        fixed = {k: v for k, v in model.score_kwargs.get(name, {}).items() if k not in score.search_space}
+        best, value = tune_score(
+            name, id_val, pooled, reference, head, lambda a, b: ood_metrics(a, b)["auroc"], fixed=fixed
+        )
+        tuned[name] = {"hyperparameters": best, "ood_val_auroc": value}
+        model.score_kwargs[name] = best
+    model._scores = None
+    return tuned
+
+
+def evaluate_model(
+    model: OODMethod,
+    datamodule: OODDataModule,
+    device: torch.device | None = None,
+    tune: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> EvaluationResult:
+    """Evaluate ``model`` on the datamodule's ID test set and every OOD test set.
+
+    Steps: fit reference statistics on ID train (only if a score needs them), optionally tune on OOD
+    validation sets, run ID test and each OOD set once, compute every score's metrics per set, and
+    build the report with near/far group means.
+    """
+    started = time.perf_counter()
+    device = device or next(model.parameters()).device
+    check_evaluable(model, datamodule)
+    reference = None
+    if model.needs_reference() or (tune and any(s.needs_fit for s in model.scores.values())):
+        reference = collect_outputs(model, datamodule, datamodule.reference_dataset(), device)
+    tuned = tune_on_ood_val(model, datamodule, device, reference) if tune else {}
+    model.fit_reference(reference)
+
+    id_outputs = collect_outputs(model, datamodule, datamodule.test_dataset(), device)
+    id_scores = model.ood_scores(id_outputs)
+    id_acc = (id_outputs["logits"].argmax(1) == id_outputs["label"]).float().mean().item()
+    per_set: dict[str, dict[str, dict[str, float]]] = {}
+    all_ood_scores: dict[str, dict[str, Tensor]] = {}
+    for name, dataset in datamodule.ood_datasets("test").items():
+        outputs = collect_outputs(model, datamodule, dataset, device)
+        scores = model.ood_scores(outputs)
+        all_ood_scores[name] = scores
+        per_set[name] = {
+            score: {**ood_metrics(id_scores[score], values), "n": len(values)} for score, values in scores.items()
+        }
+    _, world_size = world()
+    meta = {
+        "method": f"{type(model).__module__}.{type(model).__qualname__}",
+        "default_score": model.default_score,
+        "scores": list(model.score_names),
+        "score_kwargs": {k: dict(v) for k, v in model.score_kwargs.items()},
+        "world_size": world_size,
+        "seconds": round(time.perf_counter() - started, 3),
+        **(meta or {}),
+    }
+    if tuned:
+        meta["tuned_on_ood_val"] = tuned
+    report = build_report(id_acc, len(id_outputs["label"]), per_set, datamodule.ood_groups, meta)
+    return EvaluationResult(report, id_scores, all_ood_scores, tuned)

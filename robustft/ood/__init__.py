@@ -1,0 +1,1 @@
+"""OOD scoring, metrics and evaluation reports."""
