@@ -8,10 +8,12 @@ registered as a subcommand, so it parses exactly like ``fit``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 import robustft.callbacks  # noqa: F401 - lets YAML name callbacks by class name
@@ -19,7 +21,7 @@ import robustft.methods  # noqa: F401 - lets YAML name methods by class name
 from robustft.callbacks.ood_eval import OODEvaluation
 from robustft.checkpointing import AtomicCheckpointIO
 from robustft.data.datamodule import OODDataModule
-from robustft.methods.base import OODMethod
+from robustft.methods.base import CHECKPOINT_KEY, OODMethod
 from robustft.ood.report import check_writable
 
 
@@ -66,12 +68,57 @@ class RobustTrainer(pl.Trainer):
         return callback.last_result.report
 
 
+EVAL_SUBCOMMANDS = ("validate", "test", "predict", "evaluate")
+#: model arguments a user may change when evaluating a checkpoint (the rest come from the checkpoint)
+EVAL_TIME_MODEL_ARGS = ("scores", "score_kwargs")
+
+
+def _ckpt_path_arg(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _model_from_checkpoint(args: list[str]) -> list[str]:
+    """Let ``evaluate --ckpt_path X`` run without a model section: default ``--model`` to the checkpoint's
+    method class. Inserted right after the subcommand, so a model in the user's config still wins."""
+    if not args or args[0] not in EVAL_SUBCOMMANDS:
+        return args
+    ckpt_path = _ckpt_path_arg(args)
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return args
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable checkpoints are reported by Lightning with their own message
+        return args
+    method = (checkpoint.get(CHECKPOINT_KEY) or {}).get("method")
+    return [args[0], f"--model={method}", *args[1:]] if method else args
+
+
 class RobustFTCLI(LightningCLI):
-    """LightningCLI with the ``evaluate`` subcommand."""
+    """LightningCLI with the ``evaluate`` subcommand; evaluating a checkpoint needs no model section."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        if args is None or isinstance(args, list):
+            args = _model_from_checkpoint(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Checkpoint hyper-parameters override the config (Lightning's rule), except the evaluation-time
+        ones (which scores to compute), which the user's config or flags keep."""
+        subcommand = self.config.get("subcommand")
+        init_args = self.config[subcommand].model.get("init_args", {}) if subcommand else {}
+        kept = {key: init_args.get(key) for key in EVAL_TIME_MODEL_ARGS if init_args.get(key) is not None}
+        super()._parse_ckpt_path()
+        for key, value in kept.items():
+            self.config[subcommand].model.init_args[key] = value
 
 
 def main(args: list[str] | None = None, run: bool = True) -> RobustFTCLI:

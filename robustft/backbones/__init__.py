@@ -96,8 +96,14 @@ def create_backbone(name: str, weights: str | None = None, **kwargs) -> Backbone
     """Build a backbone by registered name or ``timm/<timm model name>``; optionally load local weights.
 
     ``weights`` is a local file path. For timm models ``weights='timm-pretrained'`` asks timm for its
-    default pretrained weights (online users only).
+    default pretrained weights (online users only). ``clip:<open_clip model name>`` is a CLIP image
+    tower (:class:`~robustft.backbones.clip_image.CLIPImageBackbone`); ``weights`` is then an open_clip
+    pretrained tag or a local open_clip weights file.
     """
+    if name.startswith("clip:"):  # CLIP image tower; weights = open_clip tag or local file
+        from robustft.backbones.clip_image import CLIPImageBackbone
+
+        return CLIPImageBackbone(name.removeprefix("clip:"), weights, **kwargs)
     if name.startswith("timm/"):
         backbone: Backbone = TimmBackbone(name.removeprefix("timm/"), pretrained=weights == "timm-pretrained", **kwargs)
         if weights == "timm-pretrained":

@@ -51,7 +51,7 @@ def collect_outputs(
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             outputs = model.forward_eval(batch)
             outputs = {k: v for k, v in outputs.items() if k in keep}
-            outputs["label"] = batch["label"]
+            outputs["labels"] = batch["label"]
             outputs["index"] = batch["index"]
             for key, value in outputs.items():
                 chunks.setdefault(key, []).append(value.detach().float() if value.is_floating_point() else value)
@@ -60,7 +60,7 @@ def collect_outputs(
     if not chunks:  # this rank got no samples (tiny set, many ranks): contribute empty tensors
         probe = model.forward_eval({k: v[:1].to(device) for k, v in _first_batch(datamodule, dataset).items()})
         chunks = {k: [v[:0].float()] for k, v in probe.items() if k in keep}
-        chunks["label"] = [torch.zeros(0, dtype=torch.long, device=device)]
+        chunks["labels"] = [torch.zeros(0, dtype=torch.long, device=device)]
         chunks["index"] = [torch.zeros(0, dtype=torch.long, device=device)]
     local = {key: torch.cat(values) for key, values in chunks.items()}
     gathered = gather_by_index(local, backend_device=device)
@@ -139,7 +139,7 @@ def evaluate_model(
 
     id_outputs = collect_outputs(model, datamodule, datamodule.test_dataset(), device)
     id_scores = model.ood_scores(id_outputs)
-    id_acc = (id_outputs["logits"].argmax(1) == id_outputs["label"]).float().mean().item()
+    id_acc = (id_outputs["logits"].argmax(1) == id_outputs["labels"]).float().mean().item()
     per_set: dict[str, dict[str, dict[str, float]]] = {}
     all_ood_scores: dict[str, dict[str, Tensor]] = {}
     for name, dataset in datamodule.ood_datasets("test").items():
@@ -161,5 +161,5 @@ def evaluate_model(
     }
     if tuned:
         meta["tuned_on_ood_val"] = tuned
-    report = build_report(id_acc, len(id_outputs["label"]), per_set, datamodule.ood_groups, meta)
+    report = build_report(id_acc, len(id_outputs["labels"]), per_set, datamodule.ood_groups, meta)
     return EvaluationResult(report, id_scores, all_ood_scores, tuned)

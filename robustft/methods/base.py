@@ -197,3 +197,21 @@ class OODMethod(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"method": method_path(type(self)), "num_classes": self.num_classes}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another method before its weights produce a wall of key errors."""
+        info = checkpoint.get(CHECKPOINT_KEY)
+        if info is None:
+            raise ConfigMismatchError(
+                "the checkpoint was not written by robustft (no 'robustft' entry); to use plain weights, set "
+                "model.init_args.backbone_weights instead of --ckpt_path"
+            )
+        if info["method"] != method_path(type(self)):
+            raise ConfigMismatchError(
+                f"the checkpoint is from method {info['method']} but the model is {method_path(type(self))}; "
+                f"set model.class_path: {info['method']} (or drop the model section to take it from the checkpoint)"
+            )
+        if info.get("num_classes") not in (None, self.num_classes):
+            raise ConfigMismatchError(
+                f"the checkpoint has {info['num_classes']} classes but model.num_classes is {self.num_classes}"
+            )

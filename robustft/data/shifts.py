@@ -1,0 +1,173 @@
+"""Covariate-shifted versions of the ID test set, reported as accuracy next to the OOD metrics.
+
+WiSE-FT / BANG trade ID accuracy against accuracy under distribution shift; offline we cannot load
+ImageNet-R or -Sketch, so the shifts are
+
+* **corruptions generated on the fly** from the ID test images, following CIFAR-10-C
+  (Hendrycks & Dietterich 2019, ``make_cifar_c.py``): per-severity parameters
+
+  ===============  ==========================================  ============================
+  corruption       parameter (severity 1 ... 5)                operation on x in [0, 1]
+  ===============  ==========================================  ============================
+  gaussian_noise   σ = 0.04, 0.06, 0.08, 0.09, 0.10            clip(x + N(0, σ²))
+  gaussian_blur    σ = 0.4, 0.6, 0.7, 0.8, 1.0 (pixels)        Gaussian filter per channel
+  contrast         c = 0.75, 0.5, 0.4, 0.3, 0.15               clip((x - μ_ch) · c + μ_ch)
+  ===============  ==========================================  ============================
+
+  The tables are CIFAR-10-C's. Differences ("approximately"): the blur is our own separable filter
+  (truncated at 4σ, edge-replicating border -- the behaviour of ``skimage.filters.gaussian`` that
+  CIFAR-10-C calls), noise comes from NumPy's PCG64 seeded per (seed, corruption, severity, image) so
+  every model and every α sees the *same* corrupted pixels, and the source images are whatever the ID
+  test set holds (the bundled CIFAR-10 test images are JPEG re-encodings, CIFAR-10-C used the originals).
+  Results are uint8-truncated like CIFAR-10-C. Corruptions are applied at the native resolution,
+  before the model's resize / normalisation.
+* **extra ID-labelled sets** from config (``shifted_sets: {name: {source: npz, path: ...}}``), e.g.
+  the 200 lossless CIFAR-10 PNGs (``data/cifar10/cifar10_kaggle_train200_png.npz``) against a model
+  fine-tuned on JPEG images. Caveat for that file: its images are CIFAR-10 *training* images that the
+  pre-trained ResNet-20 saw and whose JPEG versions are in ``cifar10_train_5k_jpeg.npz``; it probes the
+  lossless-vs-JPEG domain, not generalisation to unseen images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from robustft.data.datamodule import IndexedDataset, OODDataModule
+from robustft.data.sources import DataConfigError, DatasetSpec, LabeledImages, load_dataset
+from robustft.data.transforms import eval_transform
+from robustft.registry import Registry
+
+__all__ = [
+    "CORRUPTIONS",
+    "DEFAULT_CORRUPTIONS",
+    "SEVERITY_TABLES",
+    "CorruptedImages",
+    "corrupt",
+    "gaussian_filter",
+    "shifted_test_sets",
+]
+
+SEVERITY_TABLES: dict[str, tuple[float, ...]] = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+}
+DEFAULT_CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "gaussian_blur", "contrast")
+
+CorruptionFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
+CORRUPTIONS: Registry[CorruptionFn] = Registry("corruption")
+
+
+def gaussian_filter(x: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """Separable Gaussian filter over the two spatial axes of ``x`` [H, W, C] (edge-replicating)."""
+    radius = int(truncate * sigma + 0.5)
+    if radius == 0:
+        return x.copy()
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = x.astype(np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="edge")
+        length = out.shape[axis]
+        acc = np.zeros_like(out)
+        for k, w in enumerate(kernel):
+            acc += w * np.take(padded, np.arange(k, k + length), axis=axis)
+        out = acc
+    return out
+
+
+@CORRUPTIONS.register("gaussian_noise")
+def _gaussian_noise(x: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(x + rng.normal(scale=sigma, size=x.shape), 0.0, 1.0)
+
+
+@CORRUPTIONS.register("gaussian_blur")
+def _gaussian_blur(x: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(gaussian_filter(x, sigma), 0.0, 1.0)
+
+
+@CORRUPTIONS.register("contrast")
+def _contrast(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    means = x.mean(axis=(0, 1), keepdims=True)
+    return np.clip((x - means) * c + means, 0.0, 1.0)
+
+
+def _check(name: str, severity: int) -> None:
+    if name not in SEVERITY_TABLES:
+        raise DataConfigError(
+            f"unknown corruption '{name}'; choose from {', '.join(SEVERITY_TABLES)} (CIFAR-10-C parameters)"
+        )
+    if not isinstance(severity, int) or not 1 <= severity <= len(SEVERITY_TABLES[name]):
+        raise DataConfigError(f"corruption severity must be an integer in 1..5, got {severity!r}")
+
+
+def corrupt(image: np.ndarray, name: str, severity: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Apply corruption ``name`` at ``severity`` (1-5) to a uint8 [H, W, C] image; returns uint8."""
+    _check(name, severity)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"expected a uint8 [H, W, C] image, got {image.dtype} {image.shape}")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    x = image.astype(np.float64) / 255.0
+    y = CORRUPTIONS.get(name)(x, SEVERITY_TABLES[name][severity - 1], rng)
+    return (y * 255.0).astype(np.uint8)  # truncation, as CIFAR-10-C's np.uint8(...)
+
+
+class CorruptedImages(LabeledImages):
+    """``base`` with a corruption applied on access, deterministically per (seed, corruption, severity, index)."""
+
+    def __init__(self, base: LabeledImages, corruption: str, severity: int, seed: int = 0) -> None:
+        _check(corruption, severity)
+        self.base = base
+        self.corruption = corruption
+        self.severity = severity
+        self.seed = seed
+        self.labels = base.labels
+        self.class_names = base.class_names
+        self._corruption_id = list(SEVERITY_TABLES).index(corruption)
+
+    def load_image(self, index: int) -> Image.Image:
+        image = np.asarray(self.base.load_image(index).convert("RGB"))
+        rng = np.random.default_rng([self.seed, self._corruption_id, self.severity, int(index)])
+        return Image.fromarray(corrupt(image, self.corruption, self.severity, rng), mode="RGB")
+
+
+def shifted_test_sets(
+    datamodule: OODDataModule,
+    corruptions: Sequence[str] = DEFAULT_CORRUPTIONS,
+    severities: Sequence[int] = (3,),
+    extra: Mapping[str, DatasetSpec | dict] | None = None,
+    seed: int = 0,
+) -> dict[str, IndexedDataset]:
+    """ID-labelled shifted evaluation sets, named ``<corruption>-<severity>`` and by their config name.
+
+    Corrupted sets are the datamodule's ID test set with a corruption; ``extra`` sets are loaded like
+    any dataset spec and must use the training label space. All use the model's evaluation transform.
+    The datamodule must be set up.
+    """
+    for name in corruptions:
+        for severity in severities:
+            _check(name, severity)
+    test = datamodule.test_dataset()
+    out: dict[str, IndexedDataset] = {}
+    for name in corruptions:
+        for severity in severities:
+            images = CorruptedImages(test.images, name, severity, seed)
+            out[f"{name}-{severity}"] = IndexedDataset(images, test.transform, test.indices)
+    transform = eval_transform(datamodule.resolve_preprocess())
+    for name, spec in (extra or {}).items():
+        if name in out:
+            raise DataConfigError(f"shifted_sets.{name}: the name is taken by a corruption set")
+        images = load_dataset(spec, f"shifted_sets.{name}")
+        if len(images.labels) and int(images.labels.max()) >= datamodule.num_classes:
+            raise DataConfigError(
+                f"shifted_sets.{name}: has label {int(images.labels.max())} but data.train has only "
+                f"{datamodule.num_classes} classes; shifted sets must share the ID label space"
+            )
+        out[name] = IndexedDataset(images, transform)
+    return out
