@@ -1,4 +1,4 @@
-"""``python -m robustft fit|validate|test|predict|evaluate --config cfg.yaml``.
+"""``python -m robustft fit|validate|test|predict|evaluate|average --config cfg.yaml``.
 
 One LightningCLI subclass. Models and datamodules are given as ``class_path`` / ``init_args`` (any
 :class:`~robustft.methods.base.OODMethod` / :class:`~robustft.data.OODDataModule` subclass; short class
@@ -21,6 +21,7 @@ import robustft.methods  # noqa: F401 - lets YAML name methods by class name
 from robustft.callbacks.ood_eval import OODEvaluation
 from robustft.checkpointing import AtomicCheckpointIO
 from robustft.data.datamodule import OODDataModule
+from robustft.data.sources import DatasetSpec
 from robustft.methods.base import CHECKPOINT_KEY, OODMethod
 from robustft.ood.report import check_writable
 
@@ -67,6 +68,68 @@ class RobustTrainer(pl.Trainer):
         self.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         return callback.last_result.report
 
+    def average(
+        self,
+        model: OODMethod,
+        datamodule: OODDataModule,
+        finetuned_ckpt: str,
+        zero_shot_ckpt: str | None = None,
+        alphas: list[float] | None = None,
+        report_dir: str = "reports/average",
+        save_alpha: float | str | None = None,
+        corruptions: list[str] | None = None,
+        severities: list[int] | None = None,
+        shifted_sets: dict[str, DatasetSpec] | None = None,
+        head_temperature: float | str | None = None,
+        bn_recalibration_batches: int = 0,
+        tune: bool = False,
+    ) -> dict:
+        """WiSE-FT / BANG: evaluate weight-space ensembles (1-α)·θ0 + α·θ1 over a grid of α; write
+        ``average.json``/``.csv``/``.md`` and ``average.png`` into ``report_dir``.
+
+        Args:
+            model: the method of both checkpoints (as in the fit config).
+            datamodule: ID and OOD data; ID test, ID validation, shifted and OOD sets are evaluated per α.
+            finetuned_ckpt: θ1, a checkpoint of ``model``'s method written by ``fit``.
+            zero_shot_ckpt: θ0, a checkpoint of the same method; omit to use the configured model's initial
+                weights (pre-trained backbone + pre-trained or zero-shot head).
+            alphas: weights of θ1 (default 0, 0.1, ..., 1).
+            report_dir: output folder.
+            save_alpha: save one averaged model as ``averaged_alpha<α>.ckpt`` (loadable by ``evaluate``): a
+                number, ``best_val`` (ID validation accuracy) or ``best_shifted`` (oracle on shifted sets).
+            corruptions: on-the-fly corruptions of the ID test set (default gaussian_noise, gaussian_blur,
+                contrast; ``[]`` for none).
+            severities: CIFAR-10-C severities 1-5 (default [3]).
+            shifted_sets: extra ID-labelled shifted sets ``{name: dataset spec}``.
+            head_temperature: BANG scaling: divide θ1's head by a number, or by T fitted on ID validation
+                (``nll``: temperature scaling; ``balance``: logit-norm ratio of θ1 to θ0).
+            bn_recalibration_batches: re-estimate BatchNorm statistics of each average on this many
+                training batches (0 = keep the averaged statistics).
+            tune: tune score hyper-parameters on ``data.ood_val`` for every α.
+        """
+        from robustft.data.shifts import DEFAULT_CORRUPTIONS
+        from robustft.evaluation.weight_space import DEFAULT_ALPHAS, average_checkpoints
+
+        if self.world_size > 1:
+            raise RuntimeError("average runs on one process; set trainer.devices: 1 and trainer.num_nodes: 1")
+        result = average_checkpoints(
+            model,
+            datamodule,
+            finetuned_ckpt,
+            zero_shot_ckpt,
+            alphas=DEFAULT_ALPHAS if alphas is None else alphas,
+            report_dir=report_dir,
+            save_alpha=save_alpha,
+            corruptions=DEFAULT_CORRUPTIONS if corruptions is None else corruptions,
+            severities=[3] if severities is None else severities,
+            shifted_sets=shifted_sets,
+            head_temperature=head_temperature,
+            bn_recalibration_batches=bn_recalibration_batches,
+            tune=tune,
+            device=self.strategy.root_device,
+        )
+        return {"rows": result.rows, "meta": result.meta}
+
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict", "evaluate")
 #: model arguments a user may change when evaluating a checkpoint (the rest come from the checkpoint)
@@ -103,7 +166,11 @@ class RobustFTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+        return {
+            **LightningCLI.subcommands(),
+            "evaluate": {"model", "datamodule"},
+            "average": {"model", "datamodule"},
+        }
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         if args is None or isinstance(args, list):

@@ -80,7 +80,7 @@ def test_test_subcommand_runs_on_checkpoint(fitted: Path, tmp_path: Path) -> Non
 def test_evaluate_takes_the_method_from_the_checkpoint(fitted: Path, tmp_path: Path) -> None:
     config = tmp_path / "data_only.yaml"
     config.write_text(
-        "trainer: {accelerator: cpu, logger: false, enable_progress_bar: false}\n"
+        f"trainer: {{accelerator: cpu, logger: false, enable_progress_bar: false, default_root_dir: {tmp_path}}}\n"
         "data:\n  class_path: robustft.data.OODDataModule\n  init_args:\n"
         "    train: {source: npz, path: data/cifar10/cifar10_train_5k_jpeg.npz, max_samples: 600}\n"
         "    test: {source: npz, path: data/cifar10/cifar10_test_2k.npz, max_samples: 400}\n"

@@ -1,5 +1,7 @@
-"""Callbacks: per-epoch OOD evaluation (and, later, weight averaging)."""
+"""Callbacks: per-epoch OOD evaluation and weight averaging (WiSE-FT / BANG after fit)."""
 
+from robustft.callbacks.export_clip import ExportCLIPWeights
 from robustft.callbacks.ood_eval import OODEvaluation, flatten_report
+from robustft.callbacks.weight_averaging import WeightAveraging
 
-__all__ = ["OODEvaluation", "flatten_report"]
+__all__ = ["ExportCLIPWeights", "OODEvaluation", "WeightAveraging", "flatten_report"]

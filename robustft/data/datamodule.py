@@ -45,6 +45,29 @@ class IndexedDataset(Dataset):
         return {"image": self.transform(image), "label": label, "index": position}
 
 
+class CachedDataset(Dataset):
+    """An evaluation set whose (deterministic) eval transform was applied once and kept as one tensor.
+
+    Evaluation runs every epoch over the same ID test and OOD images; re-decoding and re-normalising
+    them each time would cost as much as the forward pass of a small model.
+    """
+
+    def __init__(self, dataset: IndexedDataset) -> None:
+        samples = [dataset[i] for i in range(len(dataset))]
+        self.images = torch.stack([s["image"] for s in samples])
+        self.labels_tensor = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels_tensor)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.labels_tensor.numpy()
+
+    def __getitem__(self, position: int) -> dict:
+        return {"image": self.images[position], "label": int(self.labels_tensor[position]), "index": position}
+
+
 class OODDataModule(pl.LightningDataModule):
     """ID train/val/test and grouped OOD sets.
 
@@ -61,6 +84,8 @@ class OODDataModule(pl.LightningDataModule):
         augmentation: ``crop_flip`` (CIFAR), ``random_resized_crop`` (CLIP fine-tuning) or ``none``.
         preprocess: overrides the backbone's preprocessing (size/mean/std); normally left unset.
         seed: seed of the validation split.
+        eval_cache_mb: memory budget for keeping evaluation sets (ID test, OOD, reference) as
+            pre-transformed tensors across epochs; sets that do not fit are transformed on the fly.
     """
 
     def __init__(
@@ -77,6 +102,7 @@ class OODDataModule(pl.LightningDataModule):
         augmentation: str = "crop_flip",
         preprocess: PreprocessConfig | None = None,
         seed: int = 0,
+        eval_cache_mb: int = 1024,
     ) -> None:
         super().__init__()
         if augmentation not in AUGMENTATIONS:
@@ -95,6 +121,8 @@ class OODDataModule(pl.LightningDataModule):
         self.augmentation = augmentation
         self.preprocess_override = preprocess
         self.seed = seed
+        self.eval_cache_mb = eval_cache_mb
+        self._cache: dict[tuple, CachedDataset] = {}
         self._loaded: dict[str, LabeledImages] = {}
         self._train_indices: np.ndarray | None = None
         self._val_indices: np.ndarray | None = None
@@ -171,9 +199,23 @@ class OODDataModule(pl.LightningDataModule):
         cfg = self.resolve_preprocess()
         return IndexedDataset(self.train_images, train_transform(cfg, self.augmentation), self._train_indices)
 
-    def reference_dataset(self) -> IndexedDataset:
+    def _cached(self, key: str, dataset: IndexedDataset) -> Dataset:
+        """``dataset`` as a :class:`CachedDataset` if it fits in what is left of ``eval_cache_mb``."""
+        cfg = self.resolve_preprocess()
+        cache_key = (key, cfg)
+        if cache_key in self._cache:
+            return self._cache[cache_key]
+        used = sum(c.images.numel() * 4 for c in self._cache.values())
+        needed = len(dataset) * 3 * cfg.image_size * cfg.image_size * 4
+        if used + needed > self.eval_cache_mb * 2**20:
+            return dataset
+        self._cache[cache_key] = CachedDataset(dataset)
+        return self._cache[cache_key]
+
+    def reference_dataset(self) -> Dataset:
         """ID training images with the *evaluation* transform: the reference bank of KNN/MDS/ViM."""
-        return IndexedDataset(self.train_images, eval_transform(self.resolve_preprocess()), self._train_indices)
+        dataset = IndexedDataset(self.train_images, eval_transform(self.resolve_preprocess()), self._train_indices)
+        return self._cached("reference", dataset)
 
     def val_dataset(self) -> IndexedDataset | None:
         transform = eval_transform(self.resolve_preprocess())
@@ -183,17 +225,23 @@ class OODDataModule(pl.LightningDataModule):
             return IndexedDataset(self.train_images, transform, self._val_indices)
         return None
 
-    def test_dataset(self) -> IndexedDataset:
-        return IndexedDataset(self._loaded["test"], eval_transform(self.resolve_preprocess()))
+    def test_dataset(self) -> Dataset:
+        return self._cached("test", IndexedDataset(self._loaded["test"], eval_transform(self.resolve_preprocess())))
 
-    def ood_datasets(self, split: str = "test") -> dict[str, IndexedDataset]:
+    def ood_datasets(self, split: str = "test") -> dict[str, Dataset]:
         """OOD sets with the evaluation transform: ``split='test'`` the grouped sets, ``'val'`` ood_val."""
         transform = eval_transform(self.resolve_preprocess())
         if split == "test":
             names = [name for sets in self.ood_specs.values() for name in sets]
-            return {name: IndexedDataset(self._loaded[f"ood/{name}"], transform) for name in names}
+            return {
+                name: self._cached(f"ood/{name}", IndexedDataset(self._loaded[f"ood/{name}"], transform))
+                for name in names
+            }
         if split == "val":
-            return {name: IndexedDataset(self._loaded[f"ood_val/{name}"], transform) for name in self.ood_val_specs}
+            return {
+                name: self._cached(f"ood_val/{name}", IndexedDataset(self._loaded[f"ood_val/{name}"], transform))
+                for name in self.ood_val_specs
+            }
         raise ValueError(f"split must be 'test' or 'val', got '{split}'")
 
     # ----------------------------------------------------------------------------------- loaders
@@ -209,15 +257,12 @@ class OODDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_dataset(),
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
+        # order and augmentation seeded per (seed, epoch[, sample]) and mid-epoch skip on resume, so that
+        # `fit --ckpt_path last` resumes exactly (see robustft/data/resumable.py)
+        from robustft.data.resumable import resumable_train_loader
+
+        return resumable_train_loader(
+            self.train_dataset(), self.batch_size, self.seed, self.num_workers, getattr(self, "trainer", None)
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -33,7 +33,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from robustft.data.datamodule import IndexedDataset, OODDataModule
 from robustft.data.sources import DataConfigError, DatasetSpec, LabeledImages, load_dataset
@@ -137,31 +139,48 @@ class CorruptedImages(LabeledImages):
         return Image.fromarray(corrupt(image, self.corruption, self.severity, rng), mode="RGB")
 
 
+class _Materialized(Dataset):
+    """An evaluation set transformed once and kept as one tensor (the same images are scored for every α)."""
+
+    def __init__(self, dataset: IndexedDataset) -> None:
+        samples = [dataset[i] for i in range(len(dataset))]
+        self.images = torch.stack([s["image"] for s in samples])
+        self.labels = np.asarray([s["label"] for s in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int) -> dict:
+        return {"image": self.images[position], "label": int(self.labels[position]), "index": position}
+
+
 def shifted_test_sets(
     datamodule: OODDataModule,
     corruptions: Sequence[str] = DEFAULT_CORRUPTIONS,
     severities: Sequence[int] = (3,),
     extra: Mapping[str, DatasetSpec | dict] | None = None,
     seed: int = 0,
-) -> dict[str, IndexedDataset]:
+    cache_mb: int = 1024,
+) -> dict[str, Dataset]:
     """ID-labelled shifted evaluation sets, named ``<corruption>-<severity>`` and by their config name.
 
-    Corrupted sets are the datamodule's ID test set with a corruption; ``extra`` sets are loaded like
-    any dataset spec and must use the training label space. All use the model's evaluation transform.
-    The datamodule must be set up.
+    Corrupted sets are the datamodule's ID test set (``data.test``) with a corruption; ``extra`` sets
+    are loaded like any dataset spec and must use the training label space. All use the model's
+    evaluation transform. Sets are transformed once and kept as tensors while they fit in ``cache_mb``
+    (later ones are transformed on the fly), since a sweep scores the same images for every α.
     """
     for name in corruptions:
         for severity in severities:
             _check(name, severity)
-    test = datamodule.test_dataset()
-    out: dict[str, IndexedDataset] = {}
-    for name in corruptions:
-        for severity in severities:
-            images = CorruptedImages(test.images, name, severity, seed)
-            out[f"{name}-{severity}"] = IndexedDataset(images, test.transform, test.indices)
     transform = eval_transform(datamodule.resolve_preprocess())
+    sets: dict[str, IndexedDataset] = {}
+    if corruptions and severities:
+        test = load_dataset(datamodule.specs["test"], "data.test")
+        for name in corruptions:
+            for severity in severities:
+                sets[f"{name}-{severity}"] = IndexedDataset(CorruptedImages(test, name, severity, seed), transform)
     for name, spec in (extra or {}).items():
-        if name in out:
+        if name in sets:
             raise DataConfigError(f"shifted_sets.{name}: the name is taken by a corruption set")
         images = load_dataset(spec, f"shifted_sets.{name}")
         if len(images.labels) and int(images.labels.max()) >= datamodule.num_classes:
@@ -169,5 +188,12 @@ def shifted_test_sets(
                 f"shifted_sets.{name}: has label {int(images.labels.max())} but data.train has only "
                 f"{datamodule.num_classes} classes; shifted sets must share the ID label space"
             )
-        out[name] = IndexedDataset(images, transform)
+        sets[name] = IndexedDataset(images, transform)
+    size = datamodule.resolve_preprocess().image_size
+    budget = cache_mb * 2**20
+    out: dict[str, Dataset] = {}
+    for name, dataset in sets.items():
+        needed = len(dataset) * 3 * size * size * 4
+        out[name] = _Materialized(dataset) if needed <= budget else dataset
+        budget -= needed if needed <= budget else 0
     return out

@@ -1,7 +1,12 @@
 """Evaluation shared by the per-epoch callback and the ``evaluate`` subcommand."""
 
 from robustft.evaluation.distributed import ShardSampler, gather_by_index
-from robustft.evaluation.engine import EvaluationConfigError, EvaluationResult, collect_outputs, evaluate_model
+from robustft.evaluation.engine import (
+    EvaluationConfigError,
+    EvaluationResult,
+    collect_outputs,
+    evaluate_model,
+)
 
 __all__ = [
     "EvaluationConfigError",

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from robustft.data.datamodule import IndexedDataset, OODDataModule
+from robustft.data.datamodule import OODDataModule
 from robustft.evaluation.distributed import ShardSampler, gather_by_index, world
 from robustft.methods.base import OODMethod
 from robustft.ood.metrics import ood_metrics
@@ -38,7 +39,7 @@ class EvaluationResult:
 
 @torch.no_grad()
 def collect_outputs(
-    model: OODMethod, datamodule: OODDataModule, dataset: IndexedDataset, device: torch.device
+    model: OODMethod, datamodule: OODDataModule, dataset: Dataset, device: torch.device
 ) -> dict[str, Tensor]:
     """``forward_eval`` over ``dataset`` (this rank's shard), gathered across ranks, ordered by index."""
     loader = datamodule.eval_loader(dataset, sampler=ShardSampler(len(dataset)))
@@ -69,7 +70,7 @@ def collect_outputs(
     return gathered
 
 
-def _first_batch(datamodule: OODDataModule, dataset: IndexedDataset) -> dict[str, Tensor]:
+def _first_batch(datamodule: OODDataModule, dataset: Dataset) -> dict[str, Tensor]:
     return next(iter(datamodule.eval_loader(dataset)))
 
 

@@ -2,5 +2,15 @@
 
 from robustft.methods.base import ConfigMismatchError, OODMethod
 from robustft.methods.classifier import Classifier
+from robustft.methods.contrastive_ft import ContrastiveFinetune
+from robustft.methods.finetune import Finetune
+from robustft.methods.zero_shot import ZeroShotCLIP
 
-__all__ = ["Classifier", "ConfigMismatchError", "OODMethod"]
+__all__ = [
+    "Classifier",
+    "ConfigMismatchError",
+    "ContrastiveFinetune",
+    "Finetune",
+    "OODMethod",
+    "ZeroShotCLIP",
+]

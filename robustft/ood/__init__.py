@@ -1,1 +1,3 @@
 """OOD scoring, metrics and evaluation reports."""
+
+import robustft.ood.clip_scores  # noqa: F401 - registers the CLIP scores (mcm, glmcm, neglabel) in SCORES

@@ -36,7 +36,10 @@ def make_dm(**kwargs) -> OODDataModule:
 @pytest.fixture(scope="module")
 def dm() -> OODDataModule:
     module = make_dm(
-        ood={"near": {"tin": spec(TIN_TEST)}, "far": {"dtd": spec(DTD), "mnist": spec(MNIST, source="mnist")}},
+        ood={
+            "near": {"tin": spec(TIN_TEST)},
+            "far": {"dtd": spec(DTD), "mnist": spec(MNIST, source="mnist")},
+        },
         ood_val={"tin_val": spec(TIN_VAL)},
         batch_size=16,
         eval_batch_size=32,
@@ -131,7 +134,9 @@ def test_train_augmentation_is_random_eval_is_deterministic(dm: OODDataModule) -
     torch.manual_seed(0)
     augmented = torch.stack([train[i]["image"] for i in range(8)])
     evaluated = torch.stack([reference[i]["image"] for i in range(8)])
-    torch.testing.assert_close(evaluated, torch.stack([reference[i]["image"] for i in range(8)]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        evaluated, torch.stack([reference[i]["image"] for i in range(8)]), rtol=0, atol=0
+    )
     differing = [not torch.equal(augmented[i], evaluated[i]) for i in range(8)]
     assert sum(differing) >= 4
     torch.manual_seed(1)
@@ -159,7 +164,10 @@ def test_ood_groups_and_datasets(dm: OODDataModule) -> None:
     assert {k: len(v) for k, v in test_sets.items()} == {"tin": 1530, "dtd": 600, "mnist": 2000}
     mnist_sample = test_sets["mnist"][0]
     assert mnist_sample["image"].shape == (3, 32, 32)  # 28x28 grey digits resized and made RGB
-    pixels = mnist_sample["image"] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    pixels = (
+        mnist_sample["image"] * torch.tensor(IMAGENET_STD)[:, None, None]
+        + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    )
     torch.testing.assert_close(pixels[0], pixels[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(pixels[1], pixels[2], atol=1e-5, rtol=0)
     with np.load(DTD) as arrays:
@@ -180,7 +188,9 @@ def test_no_ood_sets() -> None:
 
 
 def test_bad_ood_path_fails_at_setup(tmp_path: Path) -> None:
-    module = make_dm(train=spec(TEST_2K, max_samples=20), ood={"far": {"svhn": spec(str(tmp_path / "svhn.npz"))}})
+    module = make_dm(
+        train=spec(TEST_2K, max_samples=20), ood={"far": {"svhn": spec(str(tmp_path / "svhn.npz"))}}
+    )
     with pytest.raises(DataConfigError, match=r"data\.ood\.far\.svhn\.path"):
         module.setup("fit")
 

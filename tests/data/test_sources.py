@@ -97,7 +97,12 @@ def test_npz_without_expected_keys(tmp_path: Path, png200: dict) -> None:
     with pytest.raises(DataConfigError) as info:
         load("npz", path, field="data.test")
     message = str(info.value)
-    assert "data.test.path" in message and "pictures" in message and "images" in message and "jpeg_bytes" in message
+    assert (
+        "data.test.path" in message
+        and "pictures" in message
+        and "images" in message
+        and "jpeg_bytes" in message
+    )
 
     no_labels = tmp_path / "nolabels.npz"
     np.savez(no_labels, images=png200["images"][:2])
@@ -150,7 +155,9 @@ def write_py2_pickle(path: Path, mapping: dict) -> None:
 CIFAR_BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
 
 
-def write_cifar10(root: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_cifar10(
+    root: Path, images: np.ndarray, labels: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Write ``root/cifar-10-batches-py`` with 4 real images per batch; return what each batch holds."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -242,7 +249,9 @@ def test_cifar10_bad_split(cifar_root) -> None:
         load("cifar10", root, split="val")
 
 
-@pytest.mark.parametrize("source, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+@pytest.mark.parametrize(
+    "source, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")]
+)
 def test_cifar_missing_folder(tmp_path: Path, source: str, folder: str) -> None:
     with pytest.raises(DataConfigError) as info:
         load(source, tmp_path / "nowhere", field="data.ood.near.c100")
@@ -332,7 +341,7 @@ def test_folder_with_class_subfolders(tmp_path: Path, png200: dict) -> None:
     assert dataset.class_names == ["airplane", "cat", "ship"]  # sorted folder names give the label ids
     assert len(dataset) == 9
     assert dataset.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    for position, (name, indices) in enumerate(sorted(chosen.items())):
+    for position, (_name, indices) in enumerate(sorted(chosen.items())):
         got = [pixels(dataset, 3 * position + j) for j in range(3)]
         expected = [images[i] for i in indices]
         # lossless PNG: each image comes back exactly (the order inside a class is by file path)
@@ -394,7 +403,11 @@ def test_empty_after_exclude_classes() -> None:
     with pytest.raises(DataConfigError) as info:
         load("npz", TEST_2K, exclude_classes=list(range(10)), field="data.ood.near.tin")
     message = str(info.value)
-    assert "data.ood.near.tin" in message and "empty after exclude_classes" in message and str(TEST_2K) in message
+    assert (
+        "data.ood.near.tin" in message
+        and "empty after exclude_classes" in message
+        and str(TEST_2K) in message
+    )
 
 
 def test_spec_given_as_dict() -> None:

@@ -1,0 +1,141 @@
+"""WiSE-FT / BANG at the end of ``fit``: interpolate the weights at the start of fit (θ0) with the
+fine-tuned weights (θ1), evaluate every α, write the table / plot, optionally save one α.
+
+The same sweep as ``python -m robustft average`` (:mod:`robustft.evaluation.weight_space`); use the
+callback when θ0 is simply "the model before this fit" (pre-trained backbone + pre-trained or
+zero-shot head) and the subcommand when the endpoints are separate checkpoints.
+
+Not to be confused with Lightning's own ``lightning.pytorch.callbacks.WeightAveraging`` (EMA / SWA
+during training): name this one by its full path, ``robustft.callbacks.WeightAveraging``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from robustft.data.datamodule import OODDataModule
+from robustft.data.shifts import DEFAULT_CORRUPTIONS, shifted_test_sets
+from robustft.data.sources import DatasetSpec
+from robustft.evaluation.weight_space import (
+    DEFAULT_ALPHAS,
+    SweepResult,
+    SweepSettings,
+    model_state,
+    run_sweep,
+    write_sweep,
+)
+from robustft.methods.base import OODMethod
+
+
+class WeightAveraging(pl.Callback):
+    """Weight-space ensembles of the initial and fine-tuned model after ``fit``.
+
+    Args:
+        alphas: interpolation weights of the fine-tuned model (0 = initial, 1 = fine-tuned).
+        report_dir: output folder (default ``<log_dir>/average``).
+        save_alpha: ``None``, a number, ``best_val`` or ``best_shifted`` (oracle); the chosen model is
+            saved as ``<report_dir>/averaged_alpha<α>.ckpt`` (a normal Lightning checkpoint).
+        corruptions: on-the-fly corruptions of the ID test set (``gaussian_noise``, ``gaussian_blur``,
+            ``contrast``); ``[]`` for none.
+        severities: CIFAR-10-C severities (1-5) of each corruption.
+        shifted_sets: extra ID-labelled shifted sets ``{name: dataset spec}``.
+        head_temperature: BANG scaling of the fine-tuned head: a number, ``nll`` or ``balance``.
+        bn_recalibration_batches: re-estimate BatchNorm statistics of each averaged model on this many
+            training batches (0 = keep the averaged statistics).
+        tune: tune score hyper-parameters on the OOD validation sets for every α.
+        restore: after the sweep keep the ``finetuned`` weights in the module (default) or the ``chosen`` α.
+    """
+
+    def __init__(
+        self,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        report_dir: str | None = None,
+        save_alpha: float | str | None = None,
+        corruptions: Sequence[str] = DEFAULT_CORRUPTIONS,
+        severities: Sequence[int] = (3,),
+        shifted_sets: dict[str, DatasetSpec] | None = None,
+        head_temperature: float | str | None = None,
+        bn_recalibration_batches: int = 0,
+        tune: bool = False,
+        restore: str = "finetuned",
+    ) -> None:
+        super().__init__()
+        if restore not in ("finetuned", "chosen"):
+            raise ValueError(f"WeightAveraging.restore must be 'finetuned' or 'chosen', got '{restore}'")
+        self.alphas = list(alphas)
+        self.report_dir = report_dir
+        self.save_alpha = save_alpha
+        self.corruptions = list(corruptions)
+        self.severities = list(severities)
+        self.shifted_sets = dict(shifted_sets or {})
+        self.head_temperature = head_temperature
+        self.bn_recalibration_batches = bn_recalibration_batches
+        self.tune = tune
+        self.restore = restore
+        self.theta0: dict[str, Tensor] | None = None
+        self.last_result: SweepResult | None = None
+        self.checkpoint_path: Path | None = None
+
+    def _report_dir(self, trainer: pl.Trainer) -> Path:
+        if self.report_dir is not None:
+            return Path(self.report_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "average"
+
+    # θ0 travels in checkpoints so that `fit --ckpt_path last` still averages with the true start
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta0": self.theta0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.theta0 = state_dict.get("theta0")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, OODMethod):
+            raise TypeError(f"WeightAveraging needs an OODMethod, got {type(pl_module).__name__}")
+        if self.theta0 is None:
+            if trainer.ckpt_path is not None:
+                rank_zero_warn(
+                    "WeightAveraging: resuming from a checkpoint without the callback's θ0; the resumed "
+                    "weights are used as θ0, which is not the pre-trained model"
+                )
+            self.theta0 = model_state(pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.theta0 is None:
+            return
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, OODDataModule):
+            raise TypeError("WeightAveraging needs an OODDataModule as the trainer's datamodule")
+        theta1 = model_state(pl_module)
+        settings = SweepSettings(
+            alphas=self.alphas,
+            shifted=shifted_test_sets(datamodule, self.corruptions, self.severities, self.shifted_sets),
+            head_temperature=self.head_temperature,
+            bn_recalibration_batches=self.bn_recalibration_batches,
+            tune=self.tune,
+            save_alpha=self.save_alpha,
+        )
+        meta = {"theta0": "weights at the start of fit", "theta1": "weights at the end of fit",
+                "global_step": trainer.global_step}
+        try:
+            result = run_sweep(pl_module, datamodule, self.theta0, theta1, settings, pl_module.device, meta)
+            self.last_result = result
+            directory = self._report_dir(trainer)
+            if result.chosen_state is not None:
+                pl_module.load_state_dict(result.chosen_state)
+                self.checkpoint_path = directory / f"averaged_alpha{result.chosen_alpha:.2f}.ckpt"
+                trainer.save_checkpoint(self.checkpoint_path, weights_only=True)
+                result.meta["checkpoint"] = str(self.checkpoint_path)
+            if trainer.is_global_zero:
+                write_sweep(result, directory)
+                rank_zero_info(f"WeightAveraging: table and plot in {directory}")
+        finally:
+            if self.restore == "finetuned" or self.last_result is None or self.last_result.chosen_state is None:
+                pl_module.load_state_dict(theta1)
+            else:
+                pl_module.load_state_dict(self.last_result.chosen_state)

@@ -1,0 +1,47 @@
+"""How much does per-epoch OOD evaluation add to a training epoch? (issue target: < 25% on the quickstart)
+
+Builds the quickstart's model and data through the real CLI (no run), times one training epoch without
+the OODEvaluation callback, then times one evaluation (`evaluate_model`, exactly what the callback runs),
+and prints both and their ratio (steady state: the second evaluation), measured in the same process:
+
+    python tools/bench_eval_overhead.py [--config configs/quickstart.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning.pytorch as pl
+
+from robustft.cli import main
+from robustft.evaluation.engine import evaluate_model
+
+
+def run(config: str) -> None:
+    cli = main(["--config", config], run=False)
+    model, datamodule = cli.model, cli.datamodule
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    evaluate_model(model, datamodule)  # first evaluation also builds the cached evaluation tensors
+    first_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result = evaluate_model(model, datamodule)  # what every later epoch pays
+    eval_seconds = time.perf_counter() - started
+    n_eval = result.report["id"]["n"] + sum(next(iter(s.values()))["n"] for s in result.report["ood"].values())
+    print(f"training epoch: {train_seconds:.1f} s ({len(datamodule.train_dataset())} images)")
+    print(f"first OOD evaluation (builds the eval cache): {first_seconds:.1f} s")
+    print(f"OOD evaluation: {eval_seconds:.1f} s ({n_eval} images, scores {model.score_names})")
+    print(f"evaluation / epoch = {eval_seconds / train_seconds:.1%}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    run(parser.parse_args().config)
