@@ -140,7 +140,8 @@ def evaluate_model(
 
     id_outputs = collect_outputs(model, datamodule, datamodule.test_dataset(), device)
     id_scores = model.ood_scores(id_outputs)
-    id_acc = (id_outputs["logits"].argmax(1) == id_outputs["labels"]).float().mean().item()
+    correct = int((id_outputs["logits"].argmax(1) == id_outputs["labels"]).sum().item())
+    id_acc = correct / len(id_outputs["labels"])
     per_set: dict[str, dict[str, dict[str, float]]] = {}
     all_ood_scores: dict[str, dict[str, Tensor]] = {}
     for name, dataset in datamodule.ood_datasets("test").items():

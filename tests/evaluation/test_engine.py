@@ -1,0 +1,149 @@
+"""The evaluation engine shared by the callback and ``evaluate``: once-per-sample, tuning on OOD-val only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from robustft.callbacks.ood_eval import flatten_report
+from robustft.callbacks.plots import roc_image
+from robustft.data import DatasetSpec, OODDataModule
+from robustft.evaluation import engine
+from robustft.evaluation.engine import EvaluationConfigError, evaluate_model
+from robustft.methods import Classifier
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "data"
+WEIGHTS = str(DATA / "weights" / "resnet20-12fca82f.th")
+
+
+def _spec(path: Path, source: str = "npz", **kw) -> DatasetSpec:
+    return DatasetSpec(source=source, path=str(path), **kw)
+
+
+@pytest.fixture(scope="module")
+def datamodule() -> OODDataModule:
+    dm = OODDataModule(
+        train=_spec(DATA / "cifar10" / "cifar10_train_5k_jpeg.npz", max_samples=300),
+        test=_spec(DATA / "cifar10" / "cifar10_test_2k.npz", max_samples=300),
+        ood={
+            "near": {"tin": _spec(DATA / "tinyimagenet" / "tin_test_32.npz", max_samples=150)},
+            "far": {
+                "mnist": _spec(DATA / "mnist", source="mnist", max_samples=150),
+                "dtd": _spec(DATA / "dtd" / "dtd_10class_32.npz", max_samples=150),
+            },
+        },
+        ood_val={"tin_val": _spec(DATA / "tinyimagenet" / "tin_val_32.npz", max_samples=100)},
+        eval_batch_size=64,
+    )
+    dm.setup("test")
+    return dm
+
+
+def _model(scores: list[str]) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(num_classes=10, backbone="cifar_resnet20", backbone_weights=WEIGHTS, scores=scores).eval()
+
+
+def test_report_matches_independent_computation(datamodule: OODDataModule) -> None:
+    model = _model(["msp", "energy"])
+    result = evaluate_model(model, datamodule, device=torch.device("cpu"))
+    report = result.report
+    # independent reference: plain loop over the raw datasets with sklearn
+    def logits_of(dataset) -> torch.Tensor:
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        with torch.no_grad():
+            return model(images)
+
+    id_logits = logits_of(datamodule.test_dataset())
+    id_msp = id_logits.softmax(1).amax(1).numpy()
+    labels = datamodule.test_dataset().labels
+    assert report["id"]["acc"] == pytest.approx(float((id_logits.argmax(1).numpy() == labels).mean()), abs=1e-9)
+    assert report["id"]["n"] == 300
+    for name, dataset in datamodule.ood_datasets("test").items():
+        ood_msp = logits_of(dataset).softmax(1).amax(1).numpy()
+        truth = np.r_[np.ones(len(id_msp)), np.zeros(len(ood_msp))]
+        expected = roc_auc_score(truth, np.r_[id_msp, ood_msp])
+        assert report["ood"][name]["msp"]["auroc"] == pytest.approx(expected, abs=1e-5)
+        assert report["ood"][name]["msp"]["n"] == 150
+    far = report["groups"]["far"]["energy"]["auroc"]
+    assert far == pytest.approx((report["ood"]["mnist"]["energy"]["auroc"] + report["ood"]["dtd"]["energy"]["auroc"]) / 2)
+    assert report["groups"]["near"]["msp"]["sets"] == ["tin"]
+
+
+def test_each_sample_goes_through_forward_eval_once(datamodule: OODDataModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(["msp", "energy", "maxlogit"])
+    seen: list[int] = []
+    original = model.forward_eval
+
+    def counting(batch):
+        seen.append(len(batch["image"]))
+        return original(batch)
+
+    monkeypatch.setattr(model, "forward_eval", counting)
+    evaluate_model(model, datamodule, device=torch.device("cpu"))
+    assert sum(seen) == 300 + 3 * 150  # ID test + OOD sets, no reference pass (no fitted score), no repeats
+
+
+def test_reference_pass_only_for_fitted_scores(datamodule: OODDataModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(["msp", "knn"])
+    sizes: list[int] = []
+    original = engine.collect_outputs
+
+    def recording(m, dm, dataset, device):
+        sizes.append(len(dataset))
+        return original(m, dm, dataset, device)
+
+    monkeypatch.setattr(engine, "collect_outputs", recording)
+    evaluate_model(model, datamodule, device=torch.device("cpu"))
+    assert sizes[0] == len(datamodule.reference_dataset())  # reference first, once
+    assert sizes.count(len(datamodule.reference_dataset())) == 1
+
+
+def test_tuning_uses_ood_validation_sets_only(datamodule: OODDataModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(["knn", "react"])
+    used: list[object] = []
+    original = engine.collect_outputs
+
+    def recording(m, dm, dataset, device):
+        used.append(dataset)
+        return original(m, dm, dataset, device)
+
+    monkeypatch.setattr(engine, "collect_outputs", recording)
+    tuned = engine.tune_on_ood_val(model, datamodule, torch.device("cpu"), original(model, datamodule, datamodule.reference_dataset(), torch.device("cpu")))
+    test_sets = list(datamodule.ood_datasets("test").values()) + [datamodule.test_dataset()]
+    assert not any(any(d is t for t in test_sets) for d in used)
+    assert set(tuned) == {"knn", "react"}
+    assert model.score_kwargs["knn"]["k"] in (1, 10, 20, 50, 100, 200)
+    assert model.score_kwargs["react"]["percentile"] in (85, 90, 95, 99)
+
+
+def test_no_ood_sets_is_refused_before_work() -> None:
+    dm = OODDataModule(
+        train=_spec(DATA / "cifar10" / "cifar10_train_5k_jpeg.npz", max_samples=50),
+        test=_spec(DATA / "cifar10" / "cifar10_test_2k.npz", max_samples=50),
+    )
+    dm.setup("test")
+    with pytest.raises(EvaluationConfigError, match="data.ood: no OOD sets"):
+        evaluate_model(_model(["msp"]), dm)
+
+
+def test_score_needing_features_is_refused_for_logit_only_method(datamodule: OODDataModule) -> None:
+    model = _model(["knn"])
+    model.output_keys = lambda: {"logits"}  # a method that exposes no features
+    model._scores = None
+    with pytest.raises(ValueError, match="score 'knn' needs outputs"):
+        evaluate_model(model, datamodule)
+
+
+def test_flattened_keys_and_roc_image(datamodule: OODDataModule) -> None:
+    model = _model(["msp"])
+    result = evaluate_model(model, datamodule)
+    flat = flatten_report(result.report)
+    assert {"id/acc", "ood/tin/msp/auroc", "ood/near/msp/fpr95", "ood/far/msp/aupr_out"} <= set(flat)
+    image = roc_image(result.id_scores["msp"], result.ood_scores["dtd"]["msp"], "dtd")
+    assert image.shape == (240, 240, 3) and image.dtype == np.uint8
