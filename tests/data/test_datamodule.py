@@ -61,8 +61,13 @@ def test_val_split_sizes_disjoint_and_covering(dm: OODDataModule) -> None:
     train_idx, val_idx = set(train.indices.tolist()), set(val.indices.tolist())
     assert not train_idx & val_idx
     assert train_idx | val_idx == set(range(5000))
-    assert len(dm.reference_dataset()) == 4500
-    np.testing.assert_array_equal(dm.reference_dataset().indices, train.indices)
+    # the reference bank (KNN/MDS/ViM statistics) is the training part with the eval transform
+    reference = dm.reference_dataset()
+    assert len(reference) == 4500
+    for position in (0, 4499):
+        raw = dm.train_images.images[train.indices[position]]
+        torch.testing.assert_close(reference[position]["image"], normalise(raw), atol=1e-5, rtol=0)
+        assert reference[position]["label"] == int(dm.train_images.labels[train.indices[position]])
 
 
 def test_val_split_is_deterministic(dm: OODDataModule) -> None:
@@ -142,7 +147,7 @@ def test_train_augmentation_is_random_eval_is_deterministic(dm: OODDataModule) -
     torch.manual_seed(1)
     assert not torch.equal(augmented, torch.stack([train[i]["image"] for i in range(8)]))
     # the un-augmented sample equals manual normalisation of the raw pixels
-    raw = dm.train_images.images[reference.indices[0]]
+    raw = dm.train_images.images[train.indices[0]]
     torch.testing.assert_close(evaluated[0], normalise(raw), atol=1e-5, rtol=0)
 
 
@@ -263,7 +268,12 @@ def test_preprocess_from_the_attached_models_backbone() -> None:
     torch.manual_seed(0)
     model = Classifier(num_classes=10, backbone="timm/test_resnet", scheduler="none")
     assert model.preprocess.image_size == 160
-    module = make_dm(train=spec(TEST_2K, max_samples=16), batch_size=4, val_fraction=0.25)
+    module = make_dm(
+        train=spec(TEST_2K, max_samples=16),
+        test=spec(TEST_2K, max_samples=8),
+        batch_size=4,
+        val_fraction=0.25,
+    )
     recorder = _RecordShapes()
     trainer = pl.Trainer(
         fast_dev_run=1,

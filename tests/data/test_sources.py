@@ -237,10 +237,20 @@ def test_cifar10_pickles_round_trip(cifar_root, as_batches_folder: bool) -> None
 
 
 def test_cifar10_torchvision_refuses_wrong_md5(tmp_path: Path, png200: dict) -> None:
-    """Without the checksum patch torchvision refuses files that are not the official ones."""
+    """Without the checksum patch torchvision refuses files that are not the official ones; the
+    source turns its RuntimeError into a config error naming the field."""
     write_cifar10(tmp_path, png200["images"], png200["labels"])
-    with pytest.raises(RuntimeError, match="corrupted"):
-        load("cifar10", tmp_path, split="train")
+    with pytest.raises(DataConfigError) as info:
+        load("cifar10", tmp_path, split="train", field="data.train")
+    message = str(info.value)
+    assert "data.train.path" in message and "md5" in message and "corrupted" in message
+
+
+def test_cifar10_incomplete_folder(cifar_root) -> None:
+    root, _ = cifar_root
+    (root / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DataConfigError, match=r"data\.test\.path: the files in .* are incomplete"):
+        load("cifar10", root, split="test", field="data.test")
 
 
 def test_cifar10_bad_split(cifar_root) -> None:

@@ -256,35 +256,45 @@ def test_num_classes_must_be_positive() -> None:
 
 
 # ------------------------------------------------------------------------------------ learning
-def test_training_lowers_the_loss_on_real_cifar10() -> None:
-    """30 SGD steps of a randomly initialised ResNet-20 on 512 real CIFAR-10 training images."""
+@pytest.fixture
+def one_thread():
+    """Run a compute-heavy test on one intra-op thread: on a shared 2-core runner, two OpenMP threads
+    competing with other processes are several times slower than one, and one thread also makes the
+    floating-point reduction order (hence the numbers) the same on every machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_lowers_the_loss_on_real_cifar10(one_thread) -> None:
+    """30 SGD steps (batch 32, about two epochs) of a randomly initialised ResNet-20 on 512 real CIFAR-10
+    training images lower the mean loss on those images well below the chance level ln(10) = 2.30.
+
+    The loss is measured with batch statistics (train-mode BatchNorm, no gradient) before and after, so
+    the untrained model is not judged with its uncalibrated running statistics. Observed (one thread):
+    2.43 -> 1.89 (ratio 0.78); other model seeds gave ratios 0.77-0.80, hence the 0.85 bound.
+    """
     images = load_dataset(DatasetSpec(source="npz", path=JPEG_5K, max_samples=512, seed=0), "data.train")
     data = to_batch(images.images, images.labels)
+    # channels_last only makes the CPU convolutions faster; the numbers are the same computation
     x, y = data["image"].contiguous(memory_format=torch.channels_last), data["label"]
     torch.manual_seed(0)
     model = Classifier(num_classes=10).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.trainable_parameters(), "sgd", lr=0.02, weight_decay=5e-4, momentum=0.9)
 
     def mean_loss() -> float:
-        model.eval()
+        model.train()
         with torch.no_grad():
-            return (
-                sum(
-                    model.training_loss({"image": x[s : s + 256], "label": y[s : s + 256]}).item()
-                    * len(y[s : s + 256])
-                    for s in range(0, 512, 256)
-                )
-                / 512
+            total = sum(
+                model.training_loss({"image": x[s : s + 256], "label": y[s : s + 256]}).item() * 256
+                for s in (0, 256)
             )
+        return total / 512
 
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for s in range(0, 512, 256):  # calibrate the BatchNorm statistics of the random model first
-        with torch.no_grad():
-            model(x[s : s + 256])
     initial = mean_loss()
+    generator = torch.Generator().manual_seed(0)
     order = torch.randperm(512, generator=generator)
-    model.train()
     for step in range(30):
         start = (step * 32) % 512
         if start == 0 and step:
@@ -296,4 +306,5 @@ def test_training_lowers_the_loss_on_real_cifar10() -> None:
         loss.backward()
         optimizer.step()
     final = mean_loss()
-    assert final < 0.8 * initial, (initial, final)
+    assert initial > 2.2, initial
+    assert final < 0.85 * initial and final < 2.1, (initial, final)
