@@ -257,13 +257,21 @@ class OODDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        # order and augmentation seeded per (seed, epoch[, sample]) and mid-epoch skip on resume, so that
-        # `fit --ckpt_path last` resumes exactly (see robustft/data/resumable.py)
+        # draws what DataLoader(shuffle=True, generator=seeded) draws, and resumes exactly mid-epoch from
+        # the position that state_dict() saved (robustft/data/resumable.py)
         from robustft.data.resumable import resumable_train_loader
 
-        return resumable_train_loader(
-            self.train_dataset(), self.batch_size, self.seed, self.num_workers, getattr(self, "trainer", None)
-        )
+        resume_state, self._train_resume_state = getattr(self, "_train_resume_state", None), None
+        return resumable_train_loader(self.train_dataset(), self.batch_size, self.seed, self.num_workers, resume_state)
+
+    def state_dict(self) -> dict:
+        """The training loader's position (shuffle / augmentation RNG, batches done), saved in checkpoints."""
+        from robustft.data.resumable import train_loader_state
+
+        return train_loader_state(getattr(self, "trainer", None))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_resume_state = state_dict.get("train_loader")
 
     def val_dataloader(self) -> DataLoader | list:
         dataset = self.val_dataset()

@@ -274,25 +274,28 @@ def index_tar(path: str) -> dict[str, tuple[tuple[int, int] | None, int | None]]
     files adjacent); directories and webdataset's ``__meta__`` members are skipped.
     """
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, ext = split_key(info.name)
-            if key is None or os.path.basename(key).startswith("__"):
-                continue
-            members.setdefault(key, {})[ext] = info
+    with open(path, "rb") as handle:
+        if handle.read(2) == b"\x1f\x8b":
+            raise tarfile.ReadError("compressed (gzip) shards cannot be read by index; store them as plain .tar")
+        handle.seek(0)
+        with tarfile.open(fileobj=handle, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = split_key(info.name)
+                if key is None or os.path.basename(key).startswith("__"):
+                    continue
+                members.setdefault(key, {})[ext] = info
+        fd = handle.fileno()
         out: dict[str, tuple[tuple[int, int] | None, int | None]] = {}
         for key, files in members.items():
             image_key = pick_image_key(list(files))
             image = (files[image_key].offset_data, files[image_key].size) if image_key else None
+            label_key = next((k for k in LABEL_KEYS if k in files), None)
             label = None
-            for label_key in LABEL_KEYS:
-                if label_key in files:
-                    handle = tar.extractfile(files[label_key])
-                    assert handle is not None
-                    label = parse_label(handle.read())
-                    break
+            if label_key is not None:
+                info = files[label_key]
+                label = parse_label(os.pread(fd, info.size, info.offset_data))
             out[key] = (image, label)
     return out
 

@@ -1,0 +1,83 @@
+"""Exact distributed evaluation: DDP on 2 CPU processes (gloo) reports what 1 process reports.
+
+Lightning's own DistributedSampler would pad the uneven sets used here (101 ID test images, 61/41/33
+OOD images) with repeated samples; robustft's ShardSampler + gather_by_index must count each sample
+exactly once, so the 2-process report equals the 1-process one to 1e-6 with identical counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+from rft_dist_utils import callback, free_port, gather_worker, run_cli, tiny_config, write_config
+
+from robustft.ood.report import compare_reports
+
+pytestmark = pytest.mark.slow
+
+
+def _report(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def test_shard_sampler_and_gather_cover_every_index_once(tmp_path: Path) -> None:
+    """2 gloo processes: uneven sizes (7 -> 4 + 3, 1 -> 1 + 0) are split disjointly, without padding,
+    and gathered back in order on every rank; a duplicated index is refused."""
+    sizes = [7, 1, 2, 0]
+    # fork: the children inherit the imported modules (a spawn would re-import torch and robustft twice)
+    mp.start_processes(gather_worker, args=(2, free_port(), sizes, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for size in sizes:
+        local = [ranks[r][str(size)]["local"] for r in range(2)]
+        assert sorted(local[0] + local[1]) == list(range(size))  # each index exactly once
+        assert not set(local[0]) & set(local[1])
+        assert [ranks[r][str(size)]["len"] for r in range(2)] == [len(local[0]), len(local[1])]
+        for r in range(2):
+            assert ranks[r][str(size)]["gathered_index"] == list(range(size))
+            # every output row travelled with its own index from the rank that computed it
+            assert ranks[r][str(size)]["gathered_rank"] == [i % 2 for i in range(size)]
+            assert ranks[r][str(size)]["logits_shape"] == [size, 3]
+    assert ranks[0]["7"]["local"] == [0, 2, 4, 6] and ranks[1]["7"]["local"] == [1, 3, 5]
+    assert all(r["duplicate_refused"] for r in ranks)
+
+
+def test_ddp_fit_and_test_reports_equal_single_process_evaluate(tmp_path: Path) -> None:
+    """``fit`` and ``test`` with strategy ddp on 2 CPU processes, then 1-process ``evaluate`` of the same
+    checkpoint: identical OOD reports (same n per set, metrics within 1e-6)."""
+    ckpt_dir = tmp_path / "ckpt"
+    ddp = {"devices": 2, "strategy": "ddp"}
+    fit_cfg = write_config(tmp_path / "fit.yaml", tiny_config(tmp_path / "run", **ddp, callbacks=[
+        callback("robustft.callbacks.OODEvaluation", every_n_epochs=1, report_dir=str(tmp_path / "fit_report"),
+                 plots=False),
+        callback("lightning.pytorch.callbacks.ModelCheckpoint", dirpath=str(ckpt_dir), save_last=True),
+    ]))
+    run_cli("fit", "--config", str(fit_cfg))
+    ckpt = ckpt_dir / "last.ckpt"
+    assert ckpt.is_file()
+
+    test_cfg = write_config(tmp_path / "test.yaml", tiny_config(tmp_path / "run_test", **ddp, callbacks=[
+        callback("robustft.callbacks.OODEvaluation", every_n_epochs=0, report_dir=str(tmp_path / "test_report"),
+                 plots=False),
+    ]))
+    run_cli("test", "--config", str(test_cfg), "--ckpt_path", str(ckpt))
+
+    single_cfg = write_config(tmp_path / "single.yaml", tiny_config(tmp_path / "run_single"))
+    run_cli("evaluate", "--config", str(single_cfg), "--ckpt_path", str(ckpt),
+            "--report_dir", str(tmp_path / "eval_report"))
+
+    single = _report(tmp_path / "eval_report")
+    fit_report, test_report = _report(tmp_path / "fit_report"), _report(tmp_path / "test_report")
+    assert single["meta"]["world_size"] == 1
+    assert fit_report["meta"]["world_size"] == 2 and test_report["meta"]["world_size"] == 2
+    # uneven sizes, counted once each (a padding sampler would report 102 / 62 / 42 / 34)
+    assert single["id"]["n"] == test_report["id"]["n"] == 101
+    for name, n in {"tin": 61, "mnist": 41, "dtd": 33}.items():
+        for score in ("msp", "energy", "knn"):
+            assert test_report["ood"][name][score]["n"] == n
+    assert compare_reports(test_report, single, atol=1e-6) == []
+    # the per-epoch report at the end of the DDP fit was computed on the weights saved in last.ckpt
+    assert compare_reports(fit_report, single, atol=1e-6) == []
