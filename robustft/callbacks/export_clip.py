@@ -54,23 +54,27 @@ class ExportCLIPWeights(pl.Callback):
 
     Args:
         path: output file (``.pt``); parent folders are created. Written atomically by global rank 0.
+            ``None``: ``<trainer.default_root_dir>/open_clip_weights.pt``.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | None = None) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = None if path is None else Path(path)
+
+    def target(self, trainer: pl.Trainer) -> Path:
+        return self.path if self.path is not None else Path(trainer.default_root_dir) / "open_clip_weights.pt"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             _open_clip_model(pl_module)  # fail before training, not after it
 
-    def export(self, pl_module: pl.LightningModule) -> Path:
+    def export(self, pl_module: pl.LightningModule, path: str | os.PathLike[str]) -> Path:
         model = _open_clip_model(pl_module)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return save_state_dict_atomic(state, self.path)
+        return save_state_dict_atomic(state, path)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            path = self.export(pl_module)
+            path = self.export(pl_module, self.target(trainer))
             rank_zero_info(f"ExportCLIPWeights: wrote open_clip weights to {path}")
         trainer.strategy.barrier("export_clip_weights")
