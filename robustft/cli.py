@@ -84,8 +84,10 @@ class RobustTrainer(pl.Trainer):
         bn_recalibration_batches: int = 0,
         tune: bool = False,
     ) -> dict:
-        """WiSE-FT / BANG: evaluate weight-space ensembles (1-α)·θ0 + α·θ1 over a grid of α; write
-        ``average.json``/``.csv``/``.md`` and ``average.png`` into ``report_dir``.
+        """WiSE-FT / BANG: evaluate the weight-space ensembles (1-α)·θ0 + α·θ1 over a grid of α.
+
+        Writes ``average.json``/``.csv``/``.md`` (ID, ID-validation, shifted-set accuracy and OOD AUROC of the
+        default score per α) and ``average.png`` (accuracy vs α) into ``report_dir``.
 
         Args:
             model: the method of both checkpoints (as in the fit config).

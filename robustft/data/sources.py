@@ -164,7 +164,14 @@ def _load_cifar(spec: DatasetSpec, field_name: str, dataset_cls: type, folder: s
         )
     if spec.split not in ("train", "test"):
         raise DataConfigError(f"{field_name}.split: must be 'train' or 'test', got '{spec.split}'")
-    dataset = dataset_cls(str(root), train=spec.split == "train", download=spec.download)
+    try:
+        dataset = dataset_cls(str(root), train=spec.split == "train", download=spec.download)
+    except RuntimeError as exc:  # torchvision: a batch file missing or not matching the official md5
+        raise DataConfigError(
+            f"{field_name}.path: the files in '{root / folder}' are incomplete or not the official ones "
+            f"(torchvision checks each file's md5): {exc}. Copy the complete folder again, or set "
+            f"{field_name}.download: true on a machine with internet access."
+        ) from exc
     return ArrayImages(np.asarray(dataset.data), np.asarray(dataset.targets), dataset.classes)
 
 

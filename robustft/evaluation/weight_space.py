@@ -432,8 +432,10 @@ def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_COLORS = [(31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194),
+           (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (152, 223, 138), (255, 187, 120),
+           (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229)]
+_HIGHLIGHT = {"ID test": (0, 0, 0), "shifted mean": (214, 39, 40)}
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, size: tuple[int, int] = (760, 480)) -> Path:
@@ -477,11 +479,12 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, size: tuple[
         draw.text((8, y - 6), f"{100 * v:.1f}%", fill="black", font=font)
     draw.text(((left + w - right) / 2 - 50, h - 22), "alpha (0 = initial, 1 = fine-tuned)", fill="black", font=font)
     draw.text((left, 8), "accuracy vs alpha (WiSE-FT / BANG)", fill="black", font=font)
+    others = iter(_COLORS * (1 + len(series) // len(_COLORS)))
     for i, (name, vs) in enumerate(series.items()):
-        color = _COLORS[i % len(_COLORS)]
+        color = _HIGHLIGHT.get(name) or next(others)
         points = [xy(a, v) for a, v in zip(alphas, vs, strict=True) if v is not None]
         if len(points) > 1:
-            draw.line(points, fill=color, width=3 if name in ("ID test", "shifted mean") else 2)
+            draw.line(points, fill=color, width=4 if name in _HIGHLIGHT else 2)
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         ly = top + 10 + 16 * i
