@@ -1,7 +1,7 @@
 """How much does per-epoch OOD evaluation add to a training epoch? (issue target: < 25% on the quickstart)
 
-Builds the quickstart's model and data through the real CLI (no run), times one training epoch without
-the OODEvaluation callback, then times one evaluation (`evaluate_model`, exactly what the callback runs),
+Builds the quickstart's model and data through the real CLI (no run), times one training epoch (with its
+ID validation, as in the quickstart) without the OODEvaluation callback, then times one evaluation (`evaluate_model`, exactly what the callback runs),
 and prints both and their ratio (steady state: the second evaluation), measured in the same process:
 
     python tools/bench_eval_overhead.py [--config configs/quickstart.yaml]
@@ -23,7 +23,7 @@ def run(config: str) -> None:
     model, datamodule = cli.model, cli.datamodule
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        enable_model_summary=False, num_sanity_val_steps=0,
     )
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
