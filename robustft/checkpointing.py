@@ -8,12 +8,12 @@ written to a temporary file in the same directory, flushed to disk, and renamed 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from robustft.io import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -25,14 +25,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         if "://" in str(path):  # remote filesystems: defer to Lightning's fsspec writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(checkpoint, target)

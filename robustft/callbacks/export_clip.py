@@ -10,7 +10,6 @@ A Lightning checkpoint stores the CLIP model under the LightningModule's attribu
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,24 +17,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from robustft.io import atomic_torch_save
+
 __all__ = ["ExportCLIPWeights", "save_state_dict_atomic"]
 
 
 def save_state_dict_atomic(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
     """``torch.save`` to a temporary file in the target folder, fsync, then ``os.replace`` (atomic)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_torch_save(state, path)
 
 
 def _open_clip_model(pl_module: pl.LightningModule) -> nn.Module:
