@@ -34,11 +34,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from robustft.state_dicts import listed as _listed
+from robustft.state_dicts import load_state_dict_file
 
 __all__ = [
     "GreedySoupResult",
@@ -52,9 +53,7 @@ __all__ = [
 
 StateDict = Mapping[str, Tensor]
 
-_MAX_LISTED = 10
 _COUNTER_SUFFIX = "num_batches_tracked"
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _WEIGHT_SUM_TOL = 1e-6
 
 
@@ -64,13 +63,6 @@ class StateDictMismatchError(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 # checks
-
-
-def _listed(items: Sequence[str]) -> str:
-    """Show at most ``_MAX_LISTED`` items so an error for a whole wrong model stays readable."""
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return shown + (f", ... (+{more} more)" if more > 0 else "")
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -319,88 +311,3 @@ def greedy_soup(
 # loading
 
 
-def _strip_wrapper_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Remove DataParallel/DDP ``module.`` and ``torch.compile`` ``_orig_mod.`` prefixes (nested too)."""
-    out = dict(sd)
-    changed = True
-    while changed and out:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in out):
-                out = {k[len(prefix) :]: v for k, v in out.items()}
-                changed = True
-    return out
-
-
-def _select_prefix(sd: Mapping[str, Any], prefix: str, path: Path) -> dict[str, Any]:
-    """Keep the entries under ``prefix`` (e.g. a LightningModule's ``model.``) with it removed."""
-    out = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    if not out:
-        raise ValueError(
-            f"{path}: no key starts with prefix {prefix!r}; first keys are {_listed(list(sd)[:_MAX_LISTED])}. "
-            "Fix: pass the attribute name under which the network is stored in the LightningModule, or "
-            "prefix=None."
-        )
-    return out
-
-
-def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
-    """Find the state dict in a plain dict, a ``{'state_dict': ...}`` wrapper or a Lightning checkpoint."""
-    if isinstance(obj, nn.Module):  # whole pickled module (e.g. mlfoundations/wise-ft checkpoints)
-        return obj.state_dict()
-    if isinstance(obj, Mapping):
-        inner = obj.get("state_dict")
-        if isinstance(inner, Mapping):  # covers Lightning checkpoints, which also hold optimizer state etc.
-            return inner
-        if obj and all(isinstance(v, Tensor) for v in obj.values()):
-            return obj
-        found = f"a dict with keys {_listed([str(k) for k in obj])}"
-    else:
-        found = f"an object of type {type(obj).__name__}"
-    raise ValueError(
-        f"{path}: expected a state dict, a {{'state_dict': ...}} wrapper or a Lightning checkpoint, found "
-        f"{found}. Fix: save the network with torch.save(model.state_dict(), path)."
-    )
-
-
-def load_state_dict_file(
-    path: str | Path, *, prefix: str | None = None, weights_only: bool = True
-) -> dict[str, Tensor]:
-    """Load a checkpoint file as a flat state dict on CPU, ready for averaging.
-
-    Accepts a plain state dict, a ``{'state_dict': ...}`` wrapper, a Lightning checkpoint and a pickled
-    ``nn.Module`` (the last needs ``weights_only=False``). Leading ``module.`` (DataParallel/DDP) and
-    ``_orig_mod.`` (``torch.compile``) prefixes shared by all keys are stripped. ``prefix`` additionally
-    keeps only the keys under a LightningModule attribute, e.g. ``prefix="model."``; it is not stripped
-    automatically because a network may legitimately have a submodule called ``model``.
-
-    ``weights_only=True`` (default) refuses to unpickle arbitrary objects; set it to ``False`` only for
-    files you trust, e.g. Lightning checkpoints whose hyper-parameters hold custom classes.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}. Fix: check the path (cwd is {Path.cwd()}).")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory. Fix: pass the checkpoint file inside it (.pt/.pth/.ckpt).")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on damage
-        hint = (
-            " If the file is trusted and holds non-tensor objects (e.g. Lightning hyper-parameters or a "
-            "pickled module), retry with weights_only=False."
-            if weights_only
-            else ""
-        )
-        raise ValueError(
-            f"cannot read {path} with torch.load ({type(err).__name__}: {err}). Fix: make sure it is a "
-            f"complete file written by torch.save (not truncated or a different format).{hint}"
-        ) from err
-    sd = _strip_wrapper_prefixes(_unwrap(obj, path))
-    if prefix is not None:
-        sd = _strip_wrapper_prefixes(_select_prefix(sd, prefix, path))
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f"{path}: state dict has non-tensor entries: {_listed(bad)}")
-    if not sd:
-        raise ValueError(f"{path}: the state dict is empty")
-    return dict(sd)

@@ -15,6 +15,7 @@ from robustft.backbones.base import Backbone, PreprocessConfig
 from robustft.backbones.cifar_resnet import CifarResNet
 from robustft.backbones.timm_backbone import TimmBackbone
 from robustft.registry import Registry
+from robustft.state_dicts import NotAStateDictError, load_state_dict_file
 
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
 for _depth in (20, 32, 44, 56, 110):
@@ -26,20 +27,18 @@ class WeightsError(ValueError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a plain file, a ``{'state_dict': ...}`` wrapper or a Lightning checkpoint,
-    stripping DataParallel's ``module.`` prefix."""
+    """Read a state dict (plain, ``{'state_dict': ...}`` wrapped or a Lightning checkpoint; DataParallel's
+    ``module.`` prefix stripped) with :func:`robustft.state_dicts.load_state_dict_file`, reporting
+    problems as :class:`WeightsError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' does not exist; give the path of a .pt/.pth/.th/.ckpt file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        return load_state_dict_file(path)
+    except NotAStateDictError as exc:
+        raise WeightsError(f"'{path}' holds no state dict (a mapping of parameter names to tensors): {exc}") from exc
+    except ValueError as exc:
         raise WeightsError(f"cannot read weights file '{path}': {exc}") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"'{path}' holds no state dict (a mapping of parameter names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def split_head(state: dict[str, torch.Tensor], backbone: Backbone) -> tuple[dict, dict]:
