@@ -45,13 +45,28 @@ class OODEvaluation(pl.Callback):
         report_dir: where the latest report files go (default ``<log_dir>/ood_report``).
         plots: log per-set score histograms and ROC curves to TensorBoard (on the default score).
         tune: tune score hyper-parameters on the OOD *validation* sets before each evaluation.
+        epoch_max_samples: during ``fit``, evaluate a fixed seeded subset of at most this many samples
+            of the ID test set and of each OOD set (the same subset every epoch), so that monitoring
+            costs a fraction of an epoch; the final model is then evaluated on the full sets at the
+            end of ``fit`` (report written and printed). ``test`` always uses the full sets.
+            ``None`` (default): full sets every epoch.
     """
 
-    def __init__(self, every_n_epochs: int = 1, report_dir: str | None = None, plots: bool = True, tune: bool = False):
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        report_dir: str | None = None,
+        plots: bool = True,
+        tune: bool = False,
+        epoch_max_samples: int | None = None,
+    ):
         super().__init__()
         if every_n_epochs < 0:
             raise ValueError(f"OODEvaluation.every_n_epochs must be >= 0, got {every_n_epochs}")
+        if epoch_max_samples is not None and epoch_max_samples < 1:
+            raise ValueError(f"OODEvaluation.epoch_max_samples must be >= 1 or null, got {epoch_max_samples}")
         self.every_n_epochs = every_n_epochs
+        self.epoch_max_samples = epoch_max_samples
         self.report_dir = report_dir
         self.plots = plots
         self.tune = tune
@@ -78,17 +93,19 @@ class OODEvaluation(pl.Callback):
         if trainer.is_global_zero:
             check_writable(self._report_dir(trainer))
 
-    def _run(self, trainer: pl.Trainer, pl_module: OODMethod) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: OODMethod, max_samples: int | None = None, log: bool = True) -> None:
         result = evaluate_model(
             pl_module,
             self._datamodule(trainer),
             device=pl_module.device,
             tune=self.tune,
             meta={"epoch": trainer.current_epoch, "global_step": trainer.global_step},
+            max_samples=max_samples,
         )
         self.last_result = result
-        # identical on every rank (outputs are gathered), so no cross-rank reduction is needed
-        pl_module.log_dict(flatten_report(result.report), sync_dist=False, rank_zero_only=False)
+        if log:
+            # identical on every rank (outputs are gathered), so no cross-rank reduction is needed
+            pl_module.log_dict(flatten_report(result.report), sync_dist=False, rank_zero_only=False)
         if trainer.is_global_zero:
             write_report(result.report, self._report_dir(trainer))
             self._plot(trainer, pl_module, result)
@@ -109,11 +126,18 @@ class OODEvaluation(pl.Callback):
         if trainer.sanity_checking or self.every_n_epochs == 0:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.current_epoch + 1 == trainer.max_epochs:
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, max_samples=self.epoch_max_samples)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, pl_module)
         self._print(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Per-epoch numbers came from subsets: the printed and written report covers the full sets.
+        # on_train_end still runs on the training device with every rank alive (on_fit_end comes after
+        # the strategy's teardown); Lightning allows no self.log here, the report files carry it.
+        if self.epoch_max_samples is not None and self.every_n_epochs > 0:
+            self._run(trainer, pl_module, max_samples=None, log=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._print(trainer)

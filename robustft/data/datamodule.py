@@ -68,6 +68,40 @@ class CachedDataset(Dataset):
         return {"image": self.images[position], "label": int(self.labels_tensor[position]), "index": position}
 
 
+class SampledDataset(Dataset):
+    """A fixed, seeded random subset of an evaluation set, re-indexed 0..n-1.
+
+    Per-epoch monitoring can evaluate a few hundred samples per set instead of the whole set; the same
+    subset every epoch keeps the curves comparable, and the fresh ``index`` keeps the distributed
+    gather's exactly-once check (indices 0..n-1) valid.
+    """
+
+    def __init__(self, dataset: Dataset, max_samples: int, seed: int = 0) -> None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self.dataset = dataset
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(dataset), generator=generator)[:max_samples]
+        self.positions = torch.sort(chosen).values.tolist()
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.dataset.labels)[self.positions]
+
+    def __getitem__(self, position: int) -> dict:
+        return {**self.dataset[self.positions[position]], "index": position}
+
+
+def sample_eval_set(dataset: Dataset, max_samples: int | None, seed: int = 0) -> Dataset:
+    """``dataset`` itself when it has at most ``max_samples`` samples (or no limit), else a seeded subset."""
+    if max_samples is None or len(dataset) <= max_samples:
+        return dataset
+    return SampledDataset(dataset, max_samples, seed)
+
+
 class OODDataModule(pl.LightningDataModule):
     """ID train/val/test and grouped OOD sets.
 

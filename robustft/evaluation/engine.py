@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from robustft.data.datamodule import OODDataModule
+from robustft.data.datamodule import OODDataModule, sample_eval_set
 from robustft.evaluation.distributed import ShardSampler, gather_by_index, world
 from robustft.methods.base import OODMethod
 from robustft.ood.metrics import ood_metrics
@@ -122,12 +122,17 @@ def evaluate_model(
     device: torch.device | None = None,
     tune: bool = False,
     meta: dict[str, Any] | None = None,
+    max_samples: int | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model`` on the datamodule's ID test set and every OOD test set.
 
     Steps: fit reference statistics on ID train (only if a score needs them), optionally tune on OOD
     validation sets, run ID test and each OOD set once, compute every score's metrics per set, and
     build the report with near/far group means.
+
+    ``max_samples`` evaluates a fixed seeded subset of at most that many samples of the ID test set
+    and of each OOD set (cheap per-epoch monitoring; the report's ``n`` says how many were used).
+    ``None`` evaluates the full sets, as ``test`` and ``evaluate`` always do.
     """
     started = time.perf_counter()
     device = device or next(model.parameters()).device
@@ -138,14 +143,14 @@ def evaluate_model(
     tuned = tune_on_ood_val(model, datamodule, device, reference) if tune else {}
     model.fit_reference(reference)
 
-    id_outputs = collect_outputs(model, datamodule, datamodule.test_dataset(), device)
+    id_outputs = collect_outputs(model, datamodule, sample_eval_set(datamodule.test_dataset(), max_samples), device)
     id_scores = model.ood_scores(id_outputs)
     correct = int((id_outputs["logits"].argmax(1) == id_outputs["labels"]).sum().item())
     id_acc = correct / len(id_outputs["labels"])
     per_set: dict[str, dict[str, dict[str, float]]] = {}
     all_ood_scores: dict[str, dict[str, Tensor]] = {}
     for name, dataset in datamodule.ood_datasets("test").items():
-        outputs = collect_outputs(model, datamodule, dataset, device)
+        outputs = collect_outputs(model, datamodule, sample_eval_set(dataset, max_samples), device)
         scores = model.ood_scores(outputs)
         all_ood_scores[name] = scores
         per_set[name] = {
@@ -161,6 +166,8 @@ def evaluate_model(
         "seconds": round(time.perf_counter() - started, 3),
         **(meta or {}),
     }
+    if max_samples is not None:
+        meta["max_samples_per_set"] = max_samples
     if tuned:
         meta["tuned_on_ood_val"] = tuned
     report = build_report(id_acc, len(id_outputs["labels"]), per_set, datamodule.ood_groups, meta)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import resolve_data_config
 
@@ -110,6 +112,21 @@ def test_real_resnet20_weights_classify_cifar10(resnet20: CifarResNet, one_threa
     assert lossless >= 0.95, lossless
     jpeg = _accuracy(logits, TEST_2K, resnet20.preprocess)
     assert jpeg >= 0.75, jpeg
+
+
+def test_cifar_resnet_runs_channels_last_with_nchw_results(resnet20: CifarResNet) -> None:
+    """The NHWC speed-up must survive weight loading and change nothing but float rounding."""
+    convs = [m for m in resnet20.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(resnet20).to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        features = resnet20(images)
+        x = F.relu(reference.bn1(reference.conv1(images)))  # the forward pass, kept NCHW throughout
+        x = reference.layer3(reference.layer2(reference.layer1(x)))
+        expected = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    assert not x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_real_weights_through_classifier(resnet20: CifarResNet) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from robustft.callbacks.ood_eval import flatten_report
+from robustft.callbacks.ood_eval import OODEvaluation, flatten_report
 from robustft.callbacks.plots import roc_image
 from robustft.data import DatasetSpec, OODDataModule
+from robustft.data.datamodule import sample_eval_set
 from robustft.evaluation import engine
 from robustft.evaluation.engine import EvaluationConfigError, evaluate_model
 from robustft.methods import Classifier
@@ -147,3 +150,57 @@ def test_flattened_keys_and_roc_image(datamodule: OODDataModule) -> None:
     assert {"id/acc", "ood/tin/msp/auroc", "ood/near/msp/fpr95", "ood/far/msp/aupr_out"} <= set(flat)
     image = roc_image(result.id_scores["msp"], result.ood_scores["dtd"]["msp"], "dtd")
     assert image.shape == (240, 240, 3) and image.dtype == np.uint8
+
+
+def test_max_samples_evaluates_a_fixed_seeded_subset(datamodule: OODDataModule) -> None:
+    """Per-epoch monitoring on subsets: n is capped, the subset is the same every time, and the numbers
+    equal an independent computation on exactly those samples."""
+    model = _model(["msp"])
+    report = evaluate_model(model, datamodule, device=torch.device("cpu"), max_samples=100).report
+    again = evaluate_model(model, datamodule, device=torch.device("cpu"), max_samples=100).report
+    assert report["ood"] == again["ood"] and report["id"] == again["id"]
+    assert report["id"]["n"] == 100 and report["meta"]["max_samples_per_set"] == 100
+    assert all(report["ood"][name]["msp"]["n"] == 100 for name in ("tin", "mnist", "dtd"))
+
+    def msp_and_labels(dataset) -> tuple[np.ndarray, np.ndarray]:
+        subset = sample_eval_set(dataset, 100)
+        assert [subset[i]["index"] for i in range(len(subset))] == list(range(100))
+        images = torch.stack([subset[i]["image"] for i in range(len(subset))])
+        with torch.no_grad():
+            logits = model(images)
+        return logits.softmax(1).amax(1).numpy(), (logits.argmax(1).numpy() == subset.labels)
+
+    id_msp, id_correct = msp_and_labels(datamodule.test_dataset())
+    assert report["id"]["acc"] == pytest.approx(float(id_correct.mean()), abs=1e-9)
+    ood_msp, _ = msp_and_labels(datamodule.ood_datasets("test")["dtd"])
+    expected = roc_auc_score(np.r_[np.ones(100), np.zeros(100)], np.r_[id_msp, ood_msp])
+    assert report["ood"]["dtd"]["msp"]["auroc"] == pytest.approx(expected, abs=1e-5)
+    # a cap above the set size is the full set itself
+    assert sample_eval_set(datamodule.test_dataset(), 10_000) is datamodule.test_dataset()
+
+
+def test_callback_monitors_subsets_per_epoch_and_reports_full_sets_at_the_end(
+    datamodule: OODDataModule, tmp_path: Path
+) -> None:
+    model = _model(["msp"]).train()
+    callback = OODEvaluation(every_n_epochs=1, epoch_max_samples=100, plots=False, report_dir=str(tmp_path / "report"))
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    # the logged per-epoch number is the subset evaluation of the weights the epoch ended with
+    subset = evaluate_model(model, datamodule, device=torch.device("cpu"), max_samples=100).report
+    logged = trainer.callback_metrics["ood/dtd/msp/auroc"].item()
+    assert logged == pytest.approx(subset["ood"]["dtd"]["msp"]["auroc"], abs=1e-6)
+    # ... and the report written at the end of fit covers the full sets
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert written["id"]["n"] == 300 and written["ood"]["dtd"]["msp"]["n"] == 150
+    assert "max_samples_per_set" not in written["meta"]
+    full = evaluate_model(model, datamodule, device=torch.device("cpu")).report
+    assert written["ood"]["dtd"]["msp"]["auroc"] == pytest.approx(full["ood"]["dtd"]["msp"]["auroc"], abs=1e-9)
+
+
+def test_epoch_max_samples_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="epoch_max_samples"):
+        OODEvaluation(epoch_max_samples=0)
