@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["contrastive_loss", "mixup", "smooth_labels", "soft_cross_entropy"]
+__all__ = ["contrastive_loss", "mixup", "same_id_targets", "smooth_labels", "soft_cross_entropy"]
 
 
 def soft_cross_entropy(logits: Tensor, targets_soft: Tensor) -> Tensor:
@@ -107,18 +107,36 @@ def mixup(
     return mixed_images, mixed_targets, lam
 
 
-def _scaled_infonce(logits: Tensor, lam: float) -> Tensor:
-    """Row-wise InfoNCE with matches on the diagonal and the log-partition scaled by ``1 - λ``.
+def _scaled_infonce(logits: Tensor, targets: Tensor | None, lam: float) -> Tensor:
+    """Row-wise InfoNCE with the log-partition scaled by ``1 - λ``.
 
-    Per row k: ``-z_kk + (1 - λ) log Σ_j exp(z_kj)``, which equals ``CE_k + λ R_k`` with
-    ``R_k = -log Σ_j exp(z_kj)``; the extra ``-λ·logsumexp`` term pulls each embedding towards the
-    softmax-weighted centroid of the other modality (CMA's modality-gap shrinking).
+    Per row k: ``-Σ_j t_kj z_kj + (1 - λ) log Σ_j exp(z_kj)`` with ``t`` the identity (matches on the
+    diagonal) when ``targets`` is None, else a row-stochastic target matrix. Since ``Σ_j t_kj = 1`` this
+    equals ``CE_k + λ R_k`` with ``R_k = -log Σ_j exp(z_kj)``; the extra ``-λ·logsumexp`` term pulls
+    each embedding towards the softmax-weighted centroid of the other modality (CMA's modality-gap
+    shrinking).
     """
-    return (-logits.diagonal() + (1.0 - lam) * torch.logsumexp(logits, dim=1)).mean()
+    positive = logits.diagonal() if targets is None else (targets * logits).sum(dim=1)
+    return (-positive + (1.0 - lam) * torch.logsumexp(logits, dim=1)).mean()
+
+
+def same_id_targets(match_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[B, B]`` row-stochastic targets spreading each row's mass uniformly over equal ``match_ids``.
+
+    UniCL-style multi-positive targets (Yang et al., CVPR 2022): with class captions, two images of the
+    same class both match either caption, so treating the other one as a negative (as plain CLIP does)
+    fights the objective whenever a batch repeats a class, which is almost always with 10 classes.
+    """
+    same = (match_ids[:, None] == match_ids[None, :]).to(dtype)
+    return same / same.sum(dim=1, keepdim=True)
 
 
 def contrastive_loss(
-    image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, lam: float = 0.0
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    lam: float = 0.0,
+    match_ids: Tensor | None = None,
 ) -> Tensor:
     """Symmetric CLIP/FLYP InfoNCE with CMA's cross-modal alignment regulariser.
 
@@ -132,10 +150,13 @@ def contrastive_loss(
         logit_scale: the multiplicative temperature ``s`` (open_clip passes ``model.logit_scale.exp()``,
             not the log-parameter itself). A tensor keeps its gradient.
         lam: CMA regulariser weight λ ≥ 0 (paper: 0.001); 0 gives plain FLYP/CLIP.
+        match_ids: optional ``[B]`` ids (e.g. class labels); pairs with equal ids are all positives
+            (:func:`same_id_targets`) instead of the diagonal only. With all-distinct ids this is
+            exactly the diagonal loss.
 
-    ``λ = 0`` is computed with ``F.cross_entropy`` so that plain FLYP is bit-identical to the standard
-    CLIP loss; ``λ > 0`` uses the equivalent (1 − λ)-scaled log-partition form. Under DDP pass globally
-    gathered features to match a single-device batch.
+    ``λ = 0`` without ``match_ids`` is computed with ``F.cross_entropy`` so that plain FLYP is
+    bit-identical to the standard CLIP loss; otherwise the equivalent (1 − λ)-scaled log-partition form
+    is used. Under DDP pass globally gathered features (and ids) to match a single-device batch.
     """
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(
@@ -144,11 +165,17 @@ def contrastive_loss(
         )
     if not math.isfinite(lam) or lam < 0.0:
         raise ValueError(f"lam must be a finite non-negative weight, got {lam}")
+    if match_ids is not None and match_ids.shape != image_features.shape[:1]:
+        raise ValueError(f"match_ids must be [B]={image_features.shape[0]}, got {tuple(match_ids.shape)}")
     image = F.normalize(image_features, dim=-1)
     text = F.normalize(text_features, dim=-1)
     logits_per_image = logit_scale * image @ text.T
     logits_per_text = logits_per_image.T
-    if lam == 0.0:
-        targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-        return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
-    return 0.5 * (_scaled_infonce(logits_per_image, lam) + _scaled_infonce(logits_per_text, lam))
+    if match_ids is None:
+        if lam == 0.0:
+            targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+            return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+        return 0.5 * (_scaled_infonce(logits_per_image, None, lam) + _scaled_infonce(logits_per_text, None, lam))
+    # equal ids is a symmetric relation, so the same targets serve both directions
+    targets = same_id_targets(match_ids.to(logits_per_image.device), logits_per_image.dtype)
+    return 0.5 * (_scaled_infonce(logits_per_image, targets, lam) + _scaled_infonce(logits_per_text, targets, lam))

@@ -214,6 +214,54 @@ def test_duplicate_labels_are_fine():
         torch.testing.assert_close(loss, _cma_direct(image, text, scale, 1e-3), rtol=1e-6, atol=1e-5)
 
 
+def _multi_positive_direct(image: Tensor, text: Tensor, scale: float, lam: float, ids: Tensor) -> Tensor:
+    """UniCL targets written per row: mean over the row's positives of -z_kj, plus (1-λ)·logsumexp."""
+    logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    total = 0.0
+    for z in (logits, logits.T):
+        rows = []
+        for k in range(len(ids)):
+            positives = [j for j in range(len(ids)) if ids[j] == ids[k]]
+            rows.append(-z[k, positives].mean() + (1 - lam) * torch.logsumexp(z[k], dim=0))
+        total = total + 0.5 * torch.stack(rows).mean()
+    return total
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.3])
+def test_class_positives_match_a_per_row_reference(lam):
+    image, text = _features(dtype=torch.float64)
+    ids = torch.tensor([0, 1, 0, 2, 1, 1, 3, 3, 3, 4, 0, 2])
+    torch.testing.assert_close(
+        contrastive_loss(image, text, 30.0, lam, match_ids=ids), _multi_positive_direct(image, text, 30.0, lam, ids),
+        rtol=0, atol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3])
+def test_all_distinct_ids_are_the_diagonal_loss(lam):
+    image, text = _features(dtype=torch.float64)
+    torch.testing.assert_close(
+        contrastive_loss(image, text, 50.0, lam, match_ids=torch.arange(12).flip(0)),
+        contrastive_loss(image, text, 50.0, lam), rtol=0, atol=1e-12,
+    )
+
+
+def test_class_positives_change_nothing_when_captions_of_a_class_are_identical():
+    """With one caption per class, a repeated class gives identical text rows, and the diagonal loss then
+    already equals the multi-positive one (why UniCL targets only matter with several templates)."""
+    classes = torch.tensor([0, 1, 0, 2, 1, 1, 2, 0])
+    gen = torch.Generator().manual_seed(3)
+    image = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    text = torch.randn(3, 8, generator=gen, dtype=torch.float64)[classes]
+    torch.testing.assert_close(
+        contrastive_loss(image, text, 40.0, match_ids=classes), contrastive_loss(image, text, 40.0), rtol=0, atol=1e-12
+    )
+    other_text = text + 0.1 * torch.randn(8, 8, generator=gen, dtype=torch.float64)  # distinct templates
+    assert not torch.allclose(
+        contrastive_loss(image, other_text, 40.0, match_ids=classes), contrastive_loss(image, other_text, 40.0)
+    )
+
+
 def test_features_are_normalised_inside():
     image, text = _features(seed=2)
     base = contrastive_loss(image, text, 100.0, lam=0.1)
@@ -226,3 +274,5 @@ def test_contrastive_input_checks():
         contrastive_loss(image, text, 100.0, lam=-0.1)
     with pytest.raises(ValueError, match=r"\[B, D\]"):
         contrastive_loss(image, text[:5], 100.0)
+    with pytest.raises(ValueError, match="match_ids"):
+        contrastive_loss(image, text, 100.0, match_ids=torch.arange(5))

@@ -27,6 +27,8 @@ from robustft.methods.zero_shot import ZeroShotCLIP
 
 __all__ = ["ContrastiveFinetune"]
 
+POSITIVES = ("pair", "class")
+
 
 class ContrastiveFinetune(ZeroShotCLIP):
     """FLYP (``lam=0``) / CMA (``lam>0``) full fine-tuning of CLIP; evaluation as :class:`ZeroShotCLIP`.
@@ -38,6 +40,10 @@ class ContrastiveFinetune(ZeroShotCLIP):
             default ``"a photo of a {}."``); ``None`` draws one of ``templates`` per sample.
         max_logit_scale: clamp ``exp(logit_scale)`` to this value after every step (open_clip's
             training clamps at 100); ``None`` (default) leaves it unclamped as the official CMA code.
+        positives: ``"pair"`` (default, FLYP/CMA): each image matches only its own caption and other
+            images' captions of the same class are negatives; ``"class"``: every same-class pair of
+            the batch is a positive (UniCL targets, :func:`robustft.losses.same_id_targets`). Use
+            ``"class"`` when pre-training on few classes, where a batch repeats each class many times.
         gather_distributed: under DDP compute the loss on the all-gathered global batch (with
             gradients), matching the official single-device batch of 512.
         optimizer, lr, weight_decay, momentum, scheduler, warmup_steps: official CMA uses AdamW,
@@ -65,6 +71,7 @@ class ContrastiveFinetune(ZeroShotCLIP):
         lam: float = 0.001,
         train_template: str | None = "a photo of a {}.",
         max_logit_scale: float | None = None,
+        positives: str = "pair",
         gather_distributed: bool = True,
         optimizer: str = "adamw",
         lr: float = 1e-5,
@@ -84,6 +91,8 @@ class ContrastiveFinetune(ZeroShotCLIP):
             raise ValueError(f"model.train_template needs exactly one '{{}}', got {train_template!r}")
         if max_logit_scale is not None and not max_logit_scale > 0:
             raise ValueError(f"model.max_logit_scale must be > 0, got {max_logit_scale}")
+        if positives not in POSITIVES:
+            raise ValueError(f"model.positives must be one of {', '.join(POSITIVES)}, got {positives!r}")
         self._caption_tokens: Tensor | None = None
 
     # ------------------------------------------------------------------ captions
@@ -132,10 +141,12 @@ class ContrastiveFinetune(ZeroShotCLIP):
         if self.hparams.gather_distributed and trainer is not None and trainer.world_size > 1:
             image = self.all_gather(image, sync_grads=True).flatten(0, 1)
             text = self.all_gather(text, sync_grads=True).flatten(0, 1)
+            labels = self.all_gather(labels).flatten(0, 1)
         scale = self.backbone.model.logit_scale.exp()
         if trainer is not None:
             self.log("train/logit_scale", scale.detach(), batch_size=len(labels))
-        return contrastive_loss(image, text, scale, lam=self.hparams.lam)
+        match_ids = labels if self.hparams.positives == "class" else None
+        return contrastive_loss(image, text, scale, lam=self.hparams.lam, match_ids=match_ids)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         limit = self.hparams.max_logit_scale

@@ -299,15 +299,15 @@ def test_gradients_reach_both_towers_and_logit_scale() -> None:
 def test_lam_is_passed_to_the_contrastive_loss(monkeypatch: pytest.MonkeyPatch, lam: float) -> None:
     seen = {}
 
-    def spy(image, text, scale, lam):
-        seen.update(image=image, text=text, scale=scale, lam=lam)
-        return contrastive_loss(image, text, scale, lam)
+    def spy(image, text, scale, lam, match_ids=None):
+        seen.update(image=image, text=text, scale=scale, lam=lam, match_ids=match_ids)
+        return contrastive_loss(image, text, scale, lam, match_ids)
 
     monkeypatch.setattr(contrastive_ft_module, "contrastive_loss", spy)
     model = micro_cma(lam=lam)
     labels = torch.tensor([1, 4, 4, 9])
     loss = model.training_loss({"image": _images(4), "label": labels})
-    assert seen["lam"] == lam
+    assert seen["lam"] == lam and seen["match_ids"] is None  # FLYP/CMA pairs: positives on the diagonal
     assert torch.allclose(seen["scale"], model.backbone.model.logit_scale.exp())
     # the captions are the class prompts of each sample
     with torch.no_grad():
@@ -316,6 +316,21 @@ def test_lam_is_passed_to_the_contrastive_loss(monkeypatch: pytest.MonkeyPatch, 
     if lam == 0.0:  # FLYP: open_clip's own CLIP loss on the same features
         flyp = open_clip.ClipLoss()(seen["image"], seen["text"], seen["scale"])
         assert torch.allclose(loss, flyp, atol=1e-6)
+
+
+def test_class_positives_pass_the_labels_as_match_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def spy(image, text, scale, lam, match_ids=None):
+        seen.update(match_ids=match_ids)
+        return contrastive_loss(image, text, scale, lam, match_ids)
+
+    monkeypatch.setattr(contrastive_ft_module, "contrastive_loss", spy)
+    labels = torch.tensor([1, 4, 4, 9])
+    micro_cma(positives="class").training_loss({"image": _images(4), "label": labels})
+    assert torch.equal(seen["match_ids"], labels)
+    with pytest.raises(ValueError, match="positives"):
+        micro_cma(positives="classes")
 
 
 def test_random_caption_templates() -> None:
