@@ -83,6 +83,7 @@ class RobustTrainer(pl.Trainer):
         head_temperature: float | str | None = None,
         bn_recalibration_batches: int = 0,
         tune: bool = False,
+        shifted_projection: str = "subset",
     ) -> dict:
         """WiSE-FT / BANG: evaluate the weight-space ensembles (1-α)·θ0 + α·θ1 over a grid of α.
 
@@ -102,7 +103,10 @@ class RobustTrainer(pl.Trainer):
             corruptions: on-the-fly corruptions of the ID test set (default gaussian_noise, gaussian_blur,
                 contrast; ``[]`` for none).
             severities: CIFAR-10-C severities 1-5 (default [3]).
-            shifted_sets: extra ID-labelled shifted sets ``{name: dataset spec}``.
+            shifted_sets: extra ID-labelled shifted sets ``{name: dataset spec}``: the ID classes, or a subset
+                of them matched by class name (e.g. ImageNet-R's 200 of ImageNet's 1000).
+            shifted_projection: how a subset set is scored: ``subset`` (argmax over its classes only, the
+                WiSE-FT ImageNet-R/-A convention and the default) or ``full`` (argmax over all ID classes).
             head_temperature: BANG scaling: divide θ1's head by a number, or by T fitted on ID validation
                 (``nll``: temperature scaling; ``balance``: logit-norm ratio of θ1 to θ0).
             bn_recalibration_batches: re-estimate BatchNorm statistics of each average on this many
@@ -129,6 +133,7 @@ class RobustTrainer(pl.Trainer):
             bn_recalibration_batches=bn_recalibration_batches,
             tune=tune,
             device=self.strategy.root_device,
+            shifted_projection=shifted_projection,
         )
         return {"rows": result.rows, "meta": result.meta}
 

@@ -226,6 +226,41 @@ def test_bang_head_temperature_is_fitted_on_id_validation(runs, configured) -> N
     model.load_state_dict(theta0)
 
 
+def test_shifted_set_of_a_class_subset_is_scored_on_its_classes_only(runs, configured, tmp_path) -> None:
+    """An ImageNet-R-like set (3 of the 10 ID classes, own label ids 0..2, matched by name) is scored with
+    the argmax restricted to its classes (WiSE-FT's 200-class projection) or, on request, over all 10."""
+    import numpy as np
+
+    from robustft.data.shifts import shifted_test_sets
+
+    model, datamodule = configured
+    with np.load(REPO / PNG) as png:
+        images, labels, names = png["images"], png["labels"], [str(n) for n in png["class_names"]]
+    subset = ["ship", "cat", "dog"]  # reordered on purpose
+    columns = [names.index(n) for n in subset]
+    keep = np.isin(labels, columns)
+    own = np.asarray([columns.index(int(y)) for y in labels[keep]])
+    np.savez(tmp_path / "subset.npz", images=images[keep], labels=own, class_names=np.asarray(subset))
+    spec = {"sub": {"source": "npz", "path": str(tmp_path / "subset.npz")}}
+    sets = shifted_test_sets(datamodule, [], [3], spec)
+    assert sets["sub"].class_indices == columns and len(sets["sub"]) == int(keep.sum())
+
+    theta0 = model_state(model)
+    rows = {}
+    for mode in ("subset", "full"):
+        settings = SweepSettings(alphas=[0.0], shifted=sets, shifted_projection=mode)
+        rows[mode] = run_sweep(model, datamodule, theta0, theta0, settings, torch.device("cpu")).rows[0]["shift/sub"]
+    # the independent computation on the same images
+    logits = collect_outputs(model, datamodule, sets["sub"], torch.device("cpu"))["logits"]
+    own_t = torch.as_tensor(own)
+    expected_subset = float((logits[:, columns].argmax(1) == own_t).double().mean())
+    expected_full = float((logits.argmax(1) == torch.as_tensor(columns)[own_t]).double().mean())
+    assert rows["subset"] == pytest.approx(expected_subset, abs=1e-12)
+    assert rows["full"] == pytest.approx(expected_full, abs=1e-12)
+    assert rows["subset"] >= rows["full"] and rows["subset"] > 0.5  # real ResNet-20 on real images
+    model.load_state_dict(theta0)
+
+
 def test_fit_temperature_recovers_the_temperature_of_the_labels() -> None:
     generator = torch.Generator().manual_seed(0)
     z = 3 * torch.randn(4000, 10, generator=generator)

@@ -44,7 +44,9 @@ class WeightAveraging(pl.Callback):
         corruptions: on-the-fly corruptions of the ID test set (``gaussian_noise``, ``gaussian_blur``,
             ``contrast``); ``[]`` for none.
         severities: CIFAR-10-C severities (1-5) of each corruption.
-        shifted_sets: extra ID-labelled shifted sets ``{name: dataset spec}``.
+        shifted_sets: extra ID-labelled shifted sets ``{name: dataset spec}`` (the ID classes or a subset).
+        shifted_projection: ``subset`` (argmax over a subset set's classes only, WiSE-FT's ImageNet-R/-A
+            convention) or ``full`` (argmax over all ID classes).
         head_temperature: BANG scaling of the fine-tuned head: a number, ``nll`` or ``balance``.
         bn_recalibration_batches: re-estimate BatchNorm statistics of each averaged model on this many
             training batches (0 = keep the averaged statistics).
@@ -64,10 +66,14 @@ class WeightAveraging(pl.Callback):
         bn_recalibration_batches: int = 0,
         tune: bool = False,
         restore: str = "finetuned",
+        shifted_projection: str = "subset",
     ) -> None:
         super().__init__()
         if restore not in ("finetuned", "chosen"):
             raise ValueError(f"WeightAveraging.restore must be 'finetuned' or 'chosen', got '{restore}'")
+        if shifted_projection not in ("subset", "full"):
+            raise ValueError(f"WeightAveraging.shifted_projection must be 'subset' or 'full', got '{shifted_projection}'")
+        self.shifted_projection = shifted_projection
         self.alphas = list(alphas)
         self.report_dir = report_dir
         self.save_alpha = save_alpha
@@ -115,6 +121,7 @@ class WeightAveraging(pl.Callback):
         settings = SweepSettings(
             alphas=self.alphas,
             shifted=shifted_test_sets(datamodule, self.corruptions, self.severities, self.shifted_sets),
+            shifted_projection=self.shifted_projection,
             head_temperature=self.head_temperature,
             bn_recalibration_batches=self.bn_recalibration_batches,
             tune=self.tune,

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from robustft.data.datamodule import IndexedDataset, OODDataModule
@@ -154,6 +155,73 @@ class _Materialized(Dataset):
         return {"image": self.images[position], "label": int(self.labels[position]), "index": position}
 
 
+class ShiftedSet(Dataset):
+    """An ID-labelled shifted evaluation set and the ID classifier columns its classes are.
+
+    ``class_indices`` is ``None`` when the set uses the ID label space as it is. Otherwise the set covers
+    a subset (or a reordering) of the ID classes, e.g. ImageNet-R's 200 of ImageNet's 1000: its labels
+    index its own class list and ``class_indices[label]`` is the ID class. WiSE-FT evaluates such sets
+    with the logits restricted to those columns (``project_logits``).
+    """
+
+    def __init__(self, dataset: Dataset, class_indices: list[int] | None = None) -> None:
+        self.dataset = dataset
+        self.class_indices = class_indices
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> dict:
+        return self.dataset[position]
+
+
+def class_projection(set_names: Sequence[str], id_names: Sequence[str], field_name: str) -> list[int] | None:
+    """The ID class index of each class of a shifted set (matched by name), or ``None`` if they coincide.
+
+    Sets without class names (``"0"``, ``"1"``, ...) are taken to use the ID label space. A class that is
+    not an ID class is an error: accuracy on it is undefined for the ID classifier.
+    """
+    set_names, id_names = [str(n) for n in set_names], [str(n) for n in id_names]
+    if set_names == id_names:
+        return None
+    if all(n.isdigit() for n in set_names):
+        if len(set_names) > len(id_names):
+            raise DataConfigError(
+                f"{field_name}: has {len(set_names)} classes but data.train has only {len(id_names)}; "
+                "shifted sets must share the ID label space"
+            )
+        return None
+    position = {name: i for i, name in enumerate(id_names)}
+    missing = [n for n in set_names if n not in position]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataConfigError(
+            f"{field_name}: classes {shown} are not classes of data.train; a shifted set must use the ID "
+            "classes (all of them, or a subset such as ImageNet-R's 200 of ImageNet's 1000, matched by name)"
+        )
+    indices = [position[n] for n in set_names]
+    return None if indices == list(range(len(id_names))) else indices
+
+
+def project_logits(
+    logits: Tensor, labels: Tensor, class_indices: Sequence[int] | None, mode: str = "subset"
+) -> tuple[Tensor, Tensor]:
+    """Logits and labels on which a shifted set's accuracy is computed.
+
+    ``subset`` (WiSE-FT's convention for ImageNet-R/-A, the default): keep only the set's classes'
+    columns, so the argmax is over the classes the set can contain; labels stay the set's own.
+    ``full``: argmax over every ID class, with the set's labels mapped to ID class indices.
+    """
+    if class_indices is None:
+        return logits, labels
+    columns = torch.as_tensor(list(class_indices), dtype=torch.long, device=logits.device)
+    if mode == "subset":
+        return logits.index_select(1, columns), labels
+    if mode == "full":
+        return logits, columns[labels]
+    raise ValueError(f"shifted_projection: unknown '{mode}'; choose subset or full")
+
+
 def shifted_test_sets(
     datamodule: OODDataModule,
     corruptions: Sequence[str] = DEFAULT_CORRUPTIONS,
@@ -161,11 +229,12 @@ def shifted_test_sets(
     extra: Mapping[str, DatasetSpec | dict] | None = None,
     seed: int = 0,
     cache_mb: int = 1024,
-) -> dict[str, Dataset]:
+) -> dict[str, ShiftedSet]:
     """ID-labelled shifted evaluation sets, named ``<corruption>-<severity>`` and by their config name.
 
     Corrupted sets are the datamodule's ID test set (``data.test``) with a corruption; ``extra`` sets
-    are loaded like any dataset spec and must use the training label space. All use the model's
+    are loaded like any dataset spec and must use the ID classes: all of them, or a subset matched by
+    class name (``ShiftedSet.class_indices``, as ImageNet-R/-A in ImageNet's). All use the model's
     evaluation transform. Sets are transformed once and kept as tensors while they fit in ``cache_mb``
     (later ones are transformed on the fly), since a sweep scores the same images for every α.
     """
@@ -174,6 +243,7 @@ def shifted_test_sets(
             _check(name, severity)
     transform = eval_transform(datamodule.resolve_preprocess())
     sets: dict[str, IndexedDataset] = {}
+    projections: dict[str, list[int] | None] = {}
     if corruptions and severities:
         test = load_dataset(datamodule.specs["test"], "data.test")
         for name in corruptions:
@@ -183,17 +253,14 @@ def shifted_test_sets(
         if name in sets:
             raise DataConfigError(f"shifted_sets.{name}: the name is taken by a corruption set")
         images = load_dataset(spec, f"shifted_sets.{name}")
-        if len(images.labels) and int(images.labels.max()) >= datamodule.num_classes:
-            raise DataConfigError(
-                f"shifted_sets.{name}: has label {int(images.labels.max())} but data.train has only "
-                f"{datamodule.num_classes} classes; shifted sets must share the ID label space"
-            )
+        projections[name] = class_projection(images.class_names, datamodule.class_names, f"shifted_sets.{name}")
         sets[name] = IndexedDataset(images, transform)
     size = datamodule.resolve_preprocess().image_size
     budget = cache_mb * 2**20
-    out: dict[str, Dataset] = {}
+    out: dict[str, ShiftedSet] = {}
     for name, dataset in sets.items():
         needed = len(dataset) * 3 * size * size * 4
-        out[name] = _Materialized(dataset) if needed <= budget else dataset
+        kept = _Materialized(dataset) if needed <= budget else dataset
         budget -= needed if needed <= budget else 0
+        out[name] = ShiftedSet(kept, projections.get(name))
     return out

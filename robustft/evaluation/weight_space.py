@@ -32,9 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from robustft.averaging import interpolate_state_dicts, load_state_dict_file, weighted_average
-from robustft.data.datamodule import IndexedDataset, OODDataModule
+from robustft.data.datamodule import OODDataModule
 from robustft.evaluation.engine import collect_outputs, evaluate_model
 from robustft.methods.base import CHECKPOINT_KEY, ConfigMismatchError, OODMethod, method_path
 
@@ -207,11 +208,14 @@ class SweepSettings:
 
     ``save_alpha``: ``None`` (keep none), a number, ``best_val`` (highest ID-validation accuracy: the
     leakage-free choice) or ``best_shifted`` (highest mean shifted-set accuracy; an *oracle* choice on
-    test-time shifts, as WiSE-FT's "optimal α" -- report it as such).
+    test-time shifts, as WiSE-FT's "optimal α" -- report it as such). ``shifted_projection``: how a
+    shifted set of a subset of the ID classes is scored (``subset``: argmax over its classes only, the
+    WiSE-FT ImageNet-R/-A convention; ``full``: argmax over all ID classes).
     """
 
     alphas: Sequence[float] = DEFAULT_ALPHAS
-    shifted: Mapping[str, IndexedDataset] = field(default_factory=dict)
+    shifted: Mapping[str, Dataset] = field(default_factory=dict)
+    shifted_projection: str = "subset"
     head_temperature: float | str | None = None
     bn_recalibration_batches: int = 0
     tune: bool = False
@@ -234,6 +238,15 @@ def _labels(outputs: Mapping[str, Tensor]) -> Tensor:
 
 def _accuracy(outputs: Mapping[str, Tensor]) -> float:
     return float((outputs["logits"].argmax(1) == _labels(outputs)).double().mean())
+
+
+def _shifted_accuracy(outputs: Mapping[str, Tensor], dataset: Any, projection: str) -> float:
+    """Accuracy on a shifted set; a set of a subset of the ID classes is scored with ``project_logits``."""
+    from robustft.data.shifts import project_logits
+
+    columns = getattr(dataset, "class_indices", None)
+    logits, labels = project_logits(outputs["logits"], _labels(outputs), columns, projection)
+    return float((logits.argmax(1) == labels).double().mean())
 
 
 def _resolve_alphas(alphas: Sequence[float], save_alpha: float | str | None) -> list[float]:
@@ -310,7 +323,10 @@ def _evaluate_alpha(
         row["val_logit_norm"] = float(logits.norm(dim=1).mean())
     if id_msp is not None:
         row["id_msp"] = id_msp
-    shifted = {name: _accuracy(collect_outputs(model, datamodule, ds, device)) for name, ds in settings.shifted.items()}
+    shifted = {
+        name: _shifted_accuracy(collect_outputs(model, datamodule, ds, device), ds, settings.shifted_projection)
+        for name, ds in settings.shifted.items()
+    }
     for name, acc in shifted.items():
         row[f"shift/{name}"] = acc
     if shifted:
@@ -554,6 +570,7 @@ def average_checkpoints(
     bn_recalibration_batches: int = 0,
     tune: bool = False,
     device: torch.device | None = None,
+    shifted_projection: str = "subset",
 ) -> SweepResult:
     """Everything ``python -m robustft average`` does, on one process (arguments as documented there).
 
@@ -568,6 +585,8 @@ def average_checkpoints(
 
     directory = check_writable(report_dir)
     _resolve_alphas(alphas, save_alpha)  # refuse a bad grid / rule before any work
+    if shifted_projection not in ("subset", "full"):
+        raise ValueError(f"--shifted_projection: unknown '{shifted_projection}'; choose subset or full")
     for role, path in (("--finetuned_ckpt", finetuned_ckpt), ("--zero_shot_ckpt", zero_shot_ckpt)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{role}: '{path}' is not a file; give a checkpoint written by fit")
@@ -588,6 +607,7 @@ def average_checkpoints(
         settings = SweepSettings(
             alphas=alphas,
             shifted=shifted_test_sets(datamodule, corruptions, severities, shifted_sets),
+            shifted_projection=shifted_projection,
             head_temperature=head_temperature,
             bn_recalibration_batches=bn_recalibration_batches,
             tune=tune,
@@ -598,6 +618,7 @@ def average_checkpoints(
             "theta1": str(finetuned_ckpt),
             "corruptions": list(corruptions),
             "severities": list(severities),
+            "shifted_projection": shifted_projection,
         }
         result = run_sweep(model, datamodule, theta0, theta1, settings, device, meta)
     finally:

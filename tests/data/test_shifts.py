@@ -7,10 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.ndimage
+import torch
 
 from robustft.backbones.base import PreprocessConfig
 from robustft.data import DataConfigError, DatasetSpec, OODDataModule, load_dataset
-from robustft.data.shifts import SEVERITY_TABLES, CorruptedImages, corrupt, gaussian_filter, shifted_test_sets
+from robustft.data.shifts import (
+    SEVERITY_TABLES,
+    CorruptedImages,
+    class_projection,
+    corrupt,
+    gaussian_filter,
+    project_logits,
+    shifted_test_sets,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TEST = str(REPO / "data" / "cifar10" / "cifar10_test_2k.npz")
@@ -69,3 +78,27 @@ def test_shifted_test_sets_from_a_datamodule() -> None:
     assert sample["label"] == int(load_dataset(DatasetSpec(source="npz", path=TEST, max_samples=30), "t").labels[3])
     with pytest.raises(DataConfigError, match="shifted_sets.tin"):
         shifted_test_sets(dm, [], [3], {"tin": {"source": "npz", "path": str(REPO / "data/tinyimagenet/tin_val_32.npz")}})
+
+
+def test_class_projection_matches_shifted_classes_to_id_classes_by_name() -> None:
+    ids = ["airplane", "automobile", "bird", "cat"]
+    assert class_projection(ids, ids, "f") is None
+    assert class_projection(["cat", "airplane"], ids, "f") == [3, 0]
+    assert class_projection(["bird", "automobile", "airplane", "cat"], ids, "f") == [2, 1, 0, 3]
+    assert class_projection(["0", "1"], ids, "f") is None  # unnamed classes: the ID label space
+    with pytest.raises(DataConfigError, match="shifted_sets.x: has 5 classes but data.train has only 4"):
+        class_projection([str(i) for i in range(5)], ids, "shifted_sets.x")
+    with pytest.raises(DataConfigError, match="shifted_sets.x: classes 'goldfish' are not classes of data.train"):
+        class_projection(["cat", "goldfish"], ids, "shifted_sets.x")
+
+
+def test_project_logits_subset_and_full() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [3.0, 0.0, 0.0, 1.0]])
+    labels = torch.tensor([1, 0])  # the set's own ids: classes [3, 0] -> "cat", "airplane"
+    sub_logits, sub_labels = project_logits(logits, labels, [3, 0], "subset")
+    assert torch.equal(sub_logits, torch.tensor([[2.0, 0.0], [1.0, 3.0]])) and torch.equal(sub_labels, labels)
+    full_logits, full_labels = project_logits(logits, labels, [3, 0], "full")
+    assert torch.equal(full_logits, logits) and torch.equal(full_labels, torch.tensor([0, 3]))
+    assert project_logits(logits, labels, None)[0] is logits
+    with pytest.raises(ValueError, match="subset or full"):
+        project_logits(logits, labels, [3, 0], "top5")
