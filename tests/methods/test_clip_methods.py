@@ -117,8 +117,8 @@ def test_mcm_detects_mnist(zero_shot_report) -> None:
     aurocs = {name: round(zero_shot_report["ood"][name]["mcm"]["auroc"], 4) for name in ("mnist", "dtd")}
     print(f"\nzero-shot MCM AUROC: {aurocs}")
     # DTD is not asserted here: this 30-second micro CLIP scores textures as ID-like (AUROC ~0.43). The
-    # DTD > 0.6 claim belongs to configs/clip/tiny_pretrain_cifar10.yaml (0.61-0.64 over 3 seeds), a run
-    # too long for the suite; its measured numbers are in that file.
+    # DTD > 0.6 claim belongs to configs/clip/tiny_pretrain_cifar10.yaml (0.61-0.64 in every run measured), a
+    # run too long for the suite; its measured numbers are in that file.
     assert aurocs["mnist"] > 0.6
     assert set(zero_shot_report["ood"]["dtd"]) == {"mcm", "glmcm", "neglabel", "msp", "maxlogit", "energy"}
     assert zero_shot_report["meta"]["default_score"] == "mcm"
