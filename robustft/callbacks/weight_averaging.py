@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from robustft.data.datamodule import OODDataModule
-from robustft.data.shifts import DEFAULT_CORRUPTIONS, shifted_test_sets
+from robustft.data.shifts import DEFAULT_CORRUPTIONS, check_projection, shifted_test_sets
 from robustft.data.sources import DatasetSpec
 from robustft.evaluation.weight_space import (
     DEFAULT_ALPHAS,
@@ -71,9 +71,7 @@ class WeightAveraging(pl.Callback):
         super().__init__()
         if restore not in ("finetuned", "chosen"):
             raise ValueError(f"WeightAveraging.restore must be 'finetuned' or 'chosen', got '{restore}'")
-        if shifted_projection not in ("subset", "full"):
-            raise ValueError(f"WeightAveraging.shifted_projection must be 'subset' or 'full', got '{shifted_projection}'")
-        self.shifted_projection = shifted_projection
+        self.shifted_projection = check_projection(shifted_projection, "WeightAveraging.shifted_projection")
         self.alphas = list(alphas)
         self.report_dir = report_dir
         self.save_alpha = save_alpha

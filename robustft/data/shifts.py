@@ -175,6 +175,16 @@ class ShiftedSet(Dataset):
         return self.dataset[position]
 
 
+PROJECTIONS = ("subset", "full")
+
+
+def check_projection(mode: str, field_name: str) -> str:
+    """Refuse an unknown ``shifted_projection`` before any data is loaded."""
+    if mode not in PROJECTIONS:
+        raise ValueError(f"{field_name}: unknown '{mode}'; choose {' or '.join(PROJECTIONS)}")
+    return mode
+
+
 def class_projection(set_names: Sequence[str], id_names: Sequence[str], field_name: str) -> list[int] | None:
     """The ID class index of each class of a shifted set (matched by name), or ``None`` if they coincide.
 
@@ -199,8 +209,7 @@ def class_projection(set_names: Sequence[str], id_names: Sequence[str], field_na
             f"{field_name}: classes {shown} are not classes of data.train; a shifted set must use the ID "
             "classes (all of them, or a subset such as ImageNet-R's 200 of ImageNet's 1000, matched by name)"
         )
-    indices = [position[n] for n in set_names]
-    return None if indices == list(range(len(id_names))) else indices
+    return [position[n] for n in set_names]
 
 
 def project_logits(
@@ -212,14 +221,13 @@ def project_logits(
     columns, so the argmax is over the classes the set can contain; labels stay the set's own.
     ``full``: argmax over every ID class, with the set's labels mapped to ID class indices.
     """
+    check_projection(mode, "shifted_projection")
     if class_indices is None:
         return logits, labels
     columns = torch.as_tensor(list(class_indices), dtype=torch.long, device=logits.device)
     if mode == "subset":
         return logits.index_select(1, columns), labels
-    if mode == "full":
-        return logits, columns[labels]
-    raise ValueError(f"shifted_projection: unknown '{mode}'; choose subset or full")
+    return logits, columns[labels]
 
 
 def shifted_test_sets(
@@ -243,7 +251,7 @@ def shifted_test_sets(
             _check(name, severity)
     transform = eval_transform(datamodule.resolve_preprocess())
     sets: dict[str, IndexedDataset] = {}
-    projections: dict[str, list[int] | None] = {}
+    class_indices: dict[str, list[int]] = {}  # only sets of a subset / reordering of the ID classes
     if corruptions and severities:
         test = load_dataset(datamodule.specs["test"], "data.test")
         for name in corruptions:
@@ -253,7 +261,9 @@ def shifted_test_sets(
         if name in sets:
             raise DataConfigError(f"shifted_sets.{name}: the name is taken by a corruption set")
         images = load_dataset(spec, f"shifted_sets.{name}")
-        projections[name] = class_projection(images.class_names, datamodule.class_names, f"shifted_sets.{name}")
+        columns = class_projection(images.class_names, datamodule.class_names, f"shifted_sets.{name}")
+        if columns is not None:
+            class_indices[name] = columns
         sets[name] = IndexedDataset(images, transform)
     size = datamodule.resolve_preprocess().image_size
     budget = cache_mb * 2**20
@@ -262,5 +272,5 @@ def shifted_test_sets(
         needed = len(dataset) * 3 * size * size * 4
         kept = _Materialized(dataset) if needed <= budget else dataset
         budget -= needed if needed <= budget else 0
-        out[name] = ShiftedSet(kept, projections.get(name))
+        out[name] = ShiftedSet(kept, class_indices.get(name))
     return out

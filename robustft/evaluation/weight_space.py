@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from robustft.averaging import interpolate_state_dicts, load_state_dict_file, weighted_average
 from robustft.data.datamodule import OODDataModule
+from robustft.data.shifts import check_projection, project_logits
 from robustft.evaluation.engine import collect_outputs, evaluate_model
 from robustft.methods.base import CHECKPOINT_KEY, ConfigMismatchError, OODMethod, method_path
 
@@ -236,16 +237,11 @@ def _labels(outputs: Mapping[str, Tensor]) -> Tensor:
     return outputs["labels"] if "labels" in outputs else outputs["label"]
 
 
-def _accuracy(outputs: Mapping[str, Tensor]) -> float:
-    return float((outputs["logits"].argmax(1) == _labels(outputs)).double().mean())
-
-
-def _shifted_accuracy(outputs: Mapping[str, Tensor], dataset: Any, projection: str) -> float:
-    """Accuracy on a shifted set; a set of a subset of the ID classes is scored with ``project_logits``."""
-    from robustft.data.shifts import project_logits
-
-    columns = getattr(dataset, "class_indices", None)
-    logits, labels = project_logits(outputs["logits"], _labels(outputs), columns, projection)
+def _accuracy(
+    outputs: Mapping[str, Tensor], class_indices: Sequence[int] | None = None, projection: str = "subset"
+) -> float:
+    """Top-1 accuracy; a shifted set of a subset of the ID classes is scored through ``project_logits``."""
+    logits, labels = project_logits(outputs["logits"], _labels(outputs), class_indices, projection)
     return float((logits.argmax(1) == labels).double().mean())
 
 
@@ -324,7 +320,9 @@ def _evaluate_alpha(
     if id_msp is not None:
         row["id_msp"] = id_msp
     shifted = {
-        name: _shifted_accuracy(collect_outputs(model, datamodule, ds, device), ds, settings.shifted_projection)
+        name: _accuracy(
+            collect_outputs(model, datamodule, ds, device), getattr(ds, "class_indices", None), settings.shifted_projection
+        )
         for name, ds in settings.shifted.items()
     }
     for name, acc in shifted.items():
@@ -585,8 +583,7 @@ def average_checkpoints(
 
     directory = check_writable(report_dir)
     _resolve_alphas(alphas, save_alpha)  # refuse a bad grid / rule before any work
-    if shifted_projection not in ("subset", "full"):
-        raise ValueError(f"--shifted_projection: unknown '{shifted_projection}'; choose subset or full")
+    check_projection(shifted_projection, "--shifted_projection")
     for role, path in (("--finetuned_ckpt", finetuned_ckpt), ("--zero_shot_ckpt", zero_shot_ckpt)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{role}: '{path}' is not a file; give a checkpoint written by fit")
