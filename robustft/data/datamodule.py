@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from robustft.backbones.base import PreprocessConfig
 from robustft.data.sources import DataConfigError, DatasetSpec, LabeledImages, load_dataset
 from robustft.data.transforms import AUGMENTATIONS, eval_transform, train_transform
+from robustft.ood.report import GROUP_ROW_SET
 
 DEFAULT_PREPROCESS = PreprocessConfig(image_size=32)
 
@@ -102,6 +103,43 @@ def sample_eval_set(dataset: Dataset, max_samples: int | None, seed: int = 0) ->
     return SampledDataset(dataset, max_samples, seed)
 
 
+def _spec_path(spec: DatasetSpec | dict) -> str:
+    """The ``path`` of a spec given as a :class:`DatasetSpec` or as a plain dict."""
+    return str(spec.path if isinstance(spec, DatasetSpec) else spec.get("path"))
+
+
+def _check_ood_names(ood: dict[str, dict[str, DatasetSpec]]) -> None:
+    """Refuse OOD set names that would clash.
+
+    A set's name keys its loaded data (``ood/<name>``), its logged metrics (``ood/<name>/<score>/...``)
+    and its report rows, so two different sets with one name would silently share one entry, and a set
+    named like a group (or like the report's group-mean rows) would share the group mean's keys. The
+    *same* spec listed in two groups is one set counted in both group means, which the report supports.
+    ``ood_val`` sets live under ``ood_val/<name>`` and are never reported by name, so they may reuse a name.
+    """
+    seen: dict[str, tuple[str, object]] = {}
+    for group, sets in ood.items():
+        for name, spec in (sets or {}).items():
+            where = f"data.ood.{group}.{name}"
+            if name in seen and seen[name][1] != spec:
+                raise DataConfigError(
+                    f"{where}: the name '{name}' is already used by {seen[name][0]} for a different set; "
+                    "OOD set names must be unique across groups (both would be stored and logged as "
+                    f"ood/{name}). Rename one of them."
+                )
+            if name in ood:
+                raise DataConfigError(
+                    f"{where}: the set name '{name}' is also a group name (data.ood.{name}), so the set and "
+                    f"the group mean would both be logged as ood/{name}/<score>/<metric>. Rename the set."
+                )
+            if name == GROUP_ROW_SET:
+                raise DataConfigError(
+                    f"{where}: the set name '{name}' is what the report writes for group-mean rows. "
+                    "Rename the set."
+                )
+            seen.setdefault(name, (where, spec))
+
+
 class OODDataModule(pl.LightningDataModule):
     """ID train/val/test and grouped OOD sets.
 
@@ -145,12 +183,25 @@ class OODDataModule(pl.LightningDataModule):
             raise DataConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
             raise DataConfigError(f"data.batch_size: must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise DataConfigError(
+                f"data.eval_batch_size: must be >= 1, or null to use data.batch_size; got {eval_batch_size}"
+            )
+        if num_workers < 0:
+            raise DataConfigError(
+                f"data.num_workers: must be >= 0 (0 loads in the main process), got {num_workers}"
+            )
+        if eval_cache_mb < 0:
+            raise DataConfigError(
+                f"data.eval_cache_mb: must be >= 0 (0 disables the cache), got {eval_cache_mb}"
+            )
         self.specs = {"train": train, "test": test, "val": val}
         self.ood_specs = ood or {}
         self.ood_val_specs = ood_val or {}
+        _check_ood_names(self.ood_specs)
         self.val_fraction = val_fraction
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.augmentation = augmentation
         self.preprocess_override = preprocess
@@ -218,15 +269,27 @@ class OODDataModule(pl.LightningDataModule):
         self._check_labels()
 
     def _check_labels(self) -> None:
+        """Refuse ID labels that are not class ids of ``data.train`` now, not as an IndexError (train)
+        or a wrong accuracy (test / val) at the first step. OOD labels are never used, so not checked."""
         k = self.num_classes
-        for key in ("test", "val"):
-            if key in self._loaded and len(self._loaded[key].labels):
-                top = int(self._loaded[key].labels.max())
-                if top >= k:
-                    raise DataConfigError(
-                        f"data.{key}: has label {top} but data.train has only {k} classes; ID sets must share "
-                        "the training label space"
-                    )
+        ids = f"ids 0..{k - 1}" if k else "no ids"
+        for key in ("train", "test", "val"):
+            if key not in self._loaded or not len(self._loaded[key].labels):
+                continue
+            labels = self._loaded[key].labels
+            low, top = int(labels.min()), int(labels.max())
+            if low >= 0 and top < k:
+                continue
+            where = f"data.{key}: label {low if low < 0 else top} in '{_spec_path(self.specs[key])}'"
+            if key == "train":
+                raise DataConfigError(
+                    f"{where} is not a class id: the set has {k} class names ({ids}); fix the labels, "
+                    "or give a class name for every class (class_names of an npz file)"
+                )
+            raise DataConfigError(
+                f"{where} is not a class of data.train: data.train has only {k} classes ({ids}); "
+                "ID sets must share the training label space"
+            )
 
     # ----------------------------------------------------------------------------------- datasets
     def train_dataset(self) -> IndexedDataset:

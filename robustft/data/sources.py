@@ -26,6 +26,15 @@ class DataConfigError(ValueError):
     """A dataset entry of the config is wrong; the message names the field and the fix."""
 
 
+class ArrayFormatError(ValueError):
+    """An images or labels array has the wrong dtype or shape.
+
+    Raised where the arrays are checked (:class:`ArrayImages`, used by several sources), which does not
+    know the config field or the file; :func:`load_dataset` re-raises it as a :class:`DataConfigError`
+    that names both.
+    """
+
+
 @dataclass
 class DatasetSpec:
     """One dataset as written in YAML.
@@ -65,18 +74,83 @@ class LabeledImages(Dataset):
         return self.load_image(index), int(self.labels[index])
 
 
+def as_image_array(images: np.ndarray) -> np.ndarray:
+    """``images`` as uint8 (N, H, W, C) with C 1 or 3, or :class:`ArrayFormatError` saying the fix.
+
+    Checked when a set is loaded because PIL only fails on a wrong layout when an image is first
+    drawn, i.e. at the first training or evaluation batch, far from the config entry at fault.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ArrayFormatError(
+            f"images must be uint8 (0..255), got dtype {images.dtype}; convert them before saving, "
+            "e.g. (images * 255).round().astype(np.uint8) for floats in [0, 1]"
+        )
+    if images.ndim == 3:  # grayscale (N, H, W)
+        return images[..., None]
+    if images.ndim == 4 and images.shape[-1] in (1, 3):
+        return images
+    if images.ndim == 4 and images.shape[1] in (1, 3, 4):
+        raise ArrayFormatError(
+            f"images have shape {images.shape}, which looks channels-first (N, C, H, W); store them "
+            "channels-last (N, H, W, C): images.transpose(0, 2, 3, 1)"
+        )
+    if images.ndim == 4 and images.shape[-1] == 4:
+        raise ArrayFormatError(
+            f"images have shape {images.shape}: 4 channels (RGBA?); keep RGB: images[..., :3]"
+        )
+    raise ArrayFormatError(
+        f"images must have shape (N, H, W) or (N, H, W, C) with C 1 or 3, got {images.shape}"
+    )
+
+
+def as_label_array(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as 1-D int64 class ids, or :class:`ArrayFormatError` saying the fix.
+
+    Integer dtypes are taken as they are. Float labels are accepted only when every value is a whole
+    number (then cast, losslessly); any other value (1.5, NaN) would be silently truncated by a cast,
+    so it is refused. Strings, booleans and other dtypes are refused.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ArrayFormatError(
+            f"labels must be 1-D (one class id per image), got shape {labels.shape}; "
+            "for one-hot labels save labels.argmax(1)"
+        )
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64, copy=False)
+    if labels.dtype.kind == "f":
+        fractional = ~np.isfinite(labels) | (labels != np.round(labels))
+        if not fractional.any():
+            return labels.astype(np.int64)
+        raise ArrayFormatError(
+            f"labels must be integer class ids, got dtype {labels.dtype} with value "
+            f"{labels[np.argmax(fractional)].item()!r} (float labels are accepted only when every value is a whole "
+            "number); save the class ids as an integer array"
+        )
+    raise ArrayFormatError(
+        f"labels must be integer class ids, got dtype {labels.dtype}; save the ids 0..K-1 as an integer "
+        "array (and the names, for an npz file, as class_names)"
+    )
+
+
 class ArrayImages(LabeledImages):
-    """Images held in memory as a uint8 array (N, H, W, C) or (N, H, W)."""
+    """Images held in memory as a uint8 array (N, H, W, C) or (N, H, W).
+
+    Raises:
+        ArrayFormatError: wrong image dtype or layout, labels that are not integer class ids, or a
+            different number of images and labels.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> None:
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 NHWC, got dtype {images.dtype} shape {images.shape}")
+        images = as_image_array(images)
+        labels = as_label_array(labels)
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise ArrayFormatError(
+                f"{len(images)} images but {len(labels)} labels; give exactly one label per image"
+            )
         self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = labels
         self.class_names = [str(c) for c in class_names]
 
     def load_image(self, index: int) -> Image.Image:
@@ -140,7 +214,7 @@ def load_npz(spec: DatasetSpec, field_name: str) -> LabeledImages:
             f"{field_name}.path: '{path}' has keys {sorted(keys)}; expected 'labels' and either 'images' "
             "(NHWC uint8) or 'jpeg_bytes' + 'offsets'"
         )
-    labels = arrays["labels"]
+    labels = as_label_array(arrays["labels"])  # before the default class names below read its max
     if "images" in keys:
         images = arrays["images"]
     else:
@@ -197,7 +271,9 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"'{path}' is not an unsigned-byte IDX file")
+        raise ArrayFormatError(
+            f"'{path.name}' is not an unsigned-byte IDX file; use the original MNIST files"
+        )
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
@@ -244,14 +320,25 @@ def load_folder(spec: DatasetSpec, field_name: str) -> LabeledImages:
 
 
 def load_dataset(spec: DatasetSpec, field_name: str) -> LabeledImages:
-    """Build the dataset a spec describes, apply its class filter and subset, refuse empty results."""
+    """Build the dataset a spec describes, apply its class filter and subset, refuse empty results.
+
+    Raises:
+        DataConfigError: naming ``field_name`` (and the file) for a bad spec or bad arrays.
+    """
     if not isinstance(spec, DatasetSpec):
         spec = DatasetSpec(**spec)
     try:
         source = DATASET_SOURCES.get(spec.source)
     except KeyError as exc:
         raise DataConfigError(f"{field_name}.source: {exc.args[0]}") from None
-    dataset = source(spec, field_name)
+    if spec.max_samples is not None and spec.max_samples < 1:  # before reading any file: fail fast
+        raise DataConfigError(
+            f"{field_name}.max_samples: must be >= 1 (or null for the whole set), got {spec.max_samples}"
+        )
+    try:
+        dataset = source(spec, field_name)
+    except ArrayFormatError as exc:  # the arrays' own check knows neither the field nor the file
+        raise DataConfigError(f"{field_name}: in '{spec.path}', {exc}") from None
     keep = np.arange(len(dataset))
     if spec.exclude_classes:
         keep = keep[~np.isin(dataset.labels, spec.exclude_classes)]

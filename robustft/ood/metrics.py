@@ -34,7 +34,8 @@ to the trapezoid and the AUPR is the same with either version.
 Degenerate inputs: all scores equal gives ``auroc = 0.5``, ``fpr95 = fpr95_openood = 1.0``,
 ``aupr_in = (1 + n_id / n) / 2`` and ``aupr_out = (1 + n_ood / n) / 2`` (the PR "curve" is the
 segment from (0, 1) to (1, base rate)), exactly what sklearn / OpenOOD report. Empty sets,
-non-finite scores and non-1-D inputs raise ``ValueError`` rather than silently returning NaN.
+non-finite scores and non-1-D inputs raise ``ValueError`` rather than silently returning NaN;
+complex, boolean and non-numeric scores raise ``TypeError`` rather than being cast.
 """
 
 from __future__ import annotations
@@ -79,16 +80,35 @@ def _pick_device(*arrays: object) -> torch.device:
     return torch.device("cpu")
 
 
+_NOT_REAL = {  # by numpy dtype kind
+    # casting to float64 would silently drop the imaginary part
+    "c": "{name} has complex dtype {dtype}; the score function must return real values "
+    "(higher = more ID), e.g. take .real or .abs() inside it",
+    # a thresholded decision, not a score: the curves would have a single threshold
+    "b": "{name} has dtype {dtype}; the score function must return real values (higher = more ID), "
+    "not thresholded decisions",
+    "other": "{name} has non-numeric dtype {dtype}; the score function must return real values "
+    "(higher = more ID)",
+}
+
+
 def _as_scores(scores: ScoreArray, name: str, device: torch.device) -> Tensor:
     """Validate one score set and return it as a float64 tensor on ``device``.
 
     Float64 because float32 cumulative sums lose integer exactness past 2**24 samples, and
     float32 -> float64 is exact and order preserving, so ties are neither created nor broken.
+    Complex, boolean and non-numeric scores are refused: the cast would drop an imaginary part or
+    hide a score function that returns decisions instead of scores.
     """
     if isinstance(scores, Tensor):
-        tensor = scores.detach()
+        dtype = scores.dtype
+        kind = "c" if scores.is_complex() else "b" if dtype == torch.bool else "f"  # numpy's dtype.kind
     else:
-        tensor = torch.as_tensor(np.asarray(scores))
+        scores = np.asarray(scores)
+        dtype, kind = scores.dtype, scores.dtype.kind
+    if kind not in "iuf":
+        raise TypeError(_NOT_REAL.get(kind, _NOT_REAL["other"]).format(name=name, dtype=dtype))
+    tensor = scores.detach() if isinstance(scores, Tensor) else torch.as_tensor(scores)
     if tensor.ndim != 1:
         raise ValueError(
             f"{name} must be 1-D (one score per sample), got shape {tuple(tensor.shape)}; "
@@ -222,6 +242,7 @@ def ood_metrics(id_scores: ScoreArray, ood_scores: ScoreArray) -> dict[str, floa
 
     Raises:
         ValueError: a set is empty, not 1-D, or contains NaN / inf.
+        TypeError: a set is complex, boolean or not numeric.
     """
     ids, oods = _prepare(id_scores, ood_scores)
     id_pos = _id_positive_curve(ids, oods)

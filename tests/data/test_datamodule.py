@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -223,11 +224,58 @@ def test_val_labels_outside_train_label_space() -> None:
         ({"val_fraction": 1.0}, "data.val_fraction"),
         ({"val_fraction": -0.1}, "data.val_fraction"),
         ({"batch_size": 0}, "data.batch_size"),
+        ({"eval_batch_size": 0}, "data.eval_batch_size: must be >= 1, or null to use data.batch_size; got 0"),
+        ({"eval_batch_size": -5}, "data.eval_batch_size: must be >= 1"),
+        ({"num_workers": -1}, "data.num_workers: must be >= 0"),
+        ({"eval_cache_mb": -1}, "data.eval_cache_mb: must be >= 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict, field: str) -> None:
-    with pytest.raises(DataConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(DataConfigError, match="^" + re.escape(field)):
         make_dm(**kwargs)
+
+
+def test_ood_set_names_must_not_clash() -> None:
+    """Both sets used to be stored as ood/tin: the second was silently dropped."""
+    with pytest.raises(DataConfigError) as info:
+        make_dm(ood={"near": {"tin": spec(TIN_TEST)}, "far": {"tin": spec(DTD)}})
+    message = str(info.value)
+    assert message.startswith("data.ood.far.tin: the name 'tin' is already used by data.ood.near.tin")
+    assert "Rename one of them" in message
+    with pytest.raises(
+        DataConfigError, match=r"^data\.ood\.far\.near: .* also a group name \(data\.ood\.near\)"
+    ):
+        make_dm(ood={"near": {"tin": spec(TIN_TEST)}, "far": {"near": spec(DTD)}})
+    with pytest.raises(DataConfigError, match=r"^data\.ood\.far\.mean: .* group-mean rows"):
+        make_dm(ood={"far": {"mean": spec(DTD)}})
+    # no clash: the same set in two groups is one set counted in both means; ood_val sets live apart
+    module = make_dm(
+        train=spec(TEST_2K, max_samples=20),
+        ood={"near": {"dtd": spec(DTD)}, "far": {"dtd": spec(DTD), "tin": spec(TIN_TEST, max_samples=30)}},
+        ood_val={"tin": spec(TIN_VAL, max_samples=10)},
+    )
+    module.setup("fit")
+    assert module.ood_groups == {"near": ["dtd"], "far": ["dtd", "tin"]}
+    assert len(module.ood_datasets("test")["tin"]) == 30 and len(module.ood_datasets("val")["tin"]) == 10
+
+
+@pytest.mark.parametrize(("key", "bad"), [("train", 15), ("train", -1), ("test", -1), ("val", 10)])
+def test_id_labels_must_be_train_class_ids(tmp_path: Path, key: str, bad: int) -> None:
+    """Train labels were not checked: 15 (or -1) with 10 class names failed at the first training step."""
+    path = tmp_path / f"{key}.npz"
+    labels = np.array([0, 9, bad, 3])
+    names = [f"c{i}" for i in range(10)]
+    np.savez(path, images=np.zeros((4, 8, 8, 3), np.uint8), labels=labels, class_names=names)
+    kwargs = {"train": spec(TEST_2K, max_samples=20), key: spec(str(path))}
+    module = make_dm(**kwargs)
+    with pytest.raises(DataConfigError) as info:
+        module.setup("fit")
+    message = str(info.value)
+    assert message.startswith(f"data.{key}: label {bad} in '{path}'")
+    if key == "train":
+        assert "is not a class id: the set has 10 class names (ids 0..9)" in message
+    else:
+        assert "data.train has only 10 classes (ids 0..9)" in message
 
 
 def test_bad_augmentation_lists_choices() -> None:

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import pickle
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -113,6 +114,91 @@ def test_npz_without_expected_keys(tmp_path: Path, png200: dict) -> None:
     np.savez(only_blob, jpeg_bytes=np.zeros(10, np.uint8), labels=np.zeros(1, np.int64))
     with pytest.raises(DataConfigError, match="offsets"):
         load("npz", only_blob)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "pattern"),
+    [
+        ((4, 3, 8, 8), r"looks channels-first \(N, C, H, W\).*images\.transpose\(0, 2, 3, 1\)"),
+        ((4, 1, 8, 8), r"looks channels-first"),
+        ((4, 8, 8, 4), r"4 channels \(RGBA\?\); keep RGB: images\[\.\.\., :3\]"),
+        ((4, 192), r"must have shape \(N, H, W\) or \(N, H, W, C\) with C 1 or 3, got \(4, 192\)"),
+    ],
+)
+def test_npz_image_layout_checked_at_load(tmp_path: Path, shape: tuple[int, ...], pattern: str) -> None:
+    """A wrong layout used to load fine and crash in PIL at the first batch."""
+    path = save_npz(tmp_path / "x.npz", images=np.zeros(shape, np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(
+        DataConfigError, match=rf"^data\.ood\.far\.dtd: in '{re.escape(str(path))}', images .*{pattern}"
+    ):
+        load("npz", path, field="data.ood.far.dtd")
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "pattern"),
+    [
+        (
+            np.zeros((4, 8, 8, 3), np.float32),
+            np.zeros(4, np.int64),
+            r"images must be uint8 \(0\.\.255\), got dtype float32",
+        ),
+        (
+            np.zeros((4, 8, 8, 3), np.uint8),
+            np.zeros(3, np.int64),
+            r"4 images but 3 labels; give exactly one label per image",
+        ),
+        (
+            np.zeros((4, 8, 8, 3), np.uint8),
+            np.eye(4, dtype=np.int64),
+            r"labels must be 1-D .*got shape \(4, 4\)",
+        ),
+        (
+            np.zeros((4, 8, 8, 3), np.uint8),
+            np.array(["a", "b", "a", "b"]),
+            r"labels must be integer class ids, got dtype <U1",
+        ),
+    ],
+)
+def test_npz_array_errors_name_field_and_file(
+    tmp_path: Path, images: np.ndarray, labels: np.ndarray, pattern: str
+) -> None:
+    path = save_npz(tmp_path / "bad.npz", images=images, labels=labels)
+    with pytest.raises(DataConfigError, match=rf"^data\.test: in '{re.escape(str(path))}', {pattern}"):
+        load("npz", path, field="data.test")
+
+
+def test_npz_float_labels_must_be_whole_numbers(tmp_path: Path) -> None:
+    """Float labels used to be truncated (1.5 -> 1); whole-number floats are still accepted."""
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    path = save_npz(tmp_path / "frac.npz", images=images, labels=np.array([0.0, 1.5, 2.0]))
+    with pytest.raises(DataConfigError) as info:
+        load("npz", path, field="data.train")
+    message = str(info.value)
+    assert message.startswith(f"data.train: in '{path}', labels must be integer class ids, got dtype float64")
+    assert "1.5" in message and "accepted only when every value is a whole number" in message
+    nan = save_npz(tmp_path / "nan.npz", images=images, labels=np.array([0.0, np.nan, 2.0]))
+    with pytest.raises(DataConfigError, match="labels must be integer class ids"):
+        load("npz", nan)
+    whole = save_npz(tmp_path / "whole.npz", images=images, labels=np.array([0.0, 2.0, 1.0], np.float32))
+    dataset = load("npz", whole)
+    assert dataset.labels.dtype == np.int64 and dataset.labels.tolist() == [0, 2, 1]
+    assert dataset.class_names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("max_samples", [0, -5])
+def test_max_samples_below_one_refused_before_loading(tmp_path: Path, max_samples: int) -> None:
+    with pytest.raises(
+        DataConfigError, match=rf"^data\.ood\.far\.x\.max_samples: must be >= 1 .*got {max_samples}$"
+    ):
+        load("npz", TEST_2K, field="data.ood.far.x", max_samples=max_samples)
+    # refused before any file is read: a missing path is not reported first
+    with pytest.raises(DataConfigError, match=r"\.max_samples: must be >= 1"):
+        load("npz", tmp_path / "missing.npz", max_samples=max_samples)
 
 
 def test_npz_unreadable_file(tmp_path: Path) -> None:
@@ -331,6 +417,11 @@ def test_mnist_rejects_non_ubyte_idx(tmp_path: Path) -> None:
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">HBBI", 0, 0x08, 1, 1) + b"\0")
     with pytest.raises(ValueError, match="unsigned-byte IDX"):
         load("mnist", tmp_path)
+    # the error is a config error that names the field and the folder
+    with pytest.raises(
+        DataConfigError, match=r"^data\.ood\.far\.mnist: in '.*', 't10k-images-idx3-ubyte' is not"
+    ):
+        load("mnist", tmp_path, field="data.ood.far.mnist")
 
 
 # ------------------------------------------------------------------------------------ image folders

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
-from robustft.ood.metrics import METRIC_KEYS, ood_metrics, roc_curve_points
+from robustft.ood.metrics import METRIC_KEYS, ScoreArray, ood_metrics, roc_curve_points
 
 SEEDS = [0, 1, 2, 3]
 ATOL = 1e-6
@@ -198,3 +198,23 @@ def test_non_1d_rejected_with_shape(shape: tuple[int, ...]) -> None:
         ood_metrics(torch.zeros(shape), torch.zeros(3))
     with pytest.raises(ValueError, match=r"ood_scores must be 1-D"):
         ood_metrics(np.zeros(3), np.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    ("bad", "pattern"),
+    [
+        (torch.tensor([1.0 + 2.0j, 0.5 - 1.0j, 3.0j]), r"id_scores has complex dtype torch\.complex64"),
+        (np.array([1.0 + 1.0j, 2.0, 3.0]), r"id_scores has complex dtype complex128"),
+        (torch.tensor([True, False, True]), r"id_scores has dtype torch\.bool"),
+        (np.array([True, False, True]), r"id_scores has dtype bool"),
+        (np.array(["0.1", "0.2", "0.3"]), r"id_scores has non-numeric dtype <U3"),
+    ],
+)
+def test_non_real_scores_are_refused_not_cast(bad: ScoreArray, pattern: str) -> None:
+    """A cast to float64 would drop the imaginary part (or hide decisions posing as scores)."""
+    with pytest.raises(TypeError, match=pattern + r".*score function must return real values"):
+        ood_metrics(bad, np.ones(3))
+    with pytest.raises(TypeError, match=r"ood_scores has"):
+        ood_metrics(np.ones(3), bad)
+    with pytest.raises(TypeError, match=r"ood_scores has"):
+        roc_curve_points(np.ones(3), bad)
