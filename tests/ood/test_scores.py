@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from robustft.ood.scores import (
     SCORES,
     ASHScore,
+    FeatureScore,
     KNNScore,
     MSPScore,
     OODScore,
@@ -302,8 +303,11 @@ def test_check_score_requirements_messages():
         check_score_requirements(knn, {"logits"}, has_head=True)
     assert str(err.value) == (
         "score 'knn' needs outputs {'features'} but the method provides {'logits'}; "
-        "pick another score or a method that exposes features"
+        "pick another score or a method that exposes features, "
+        "or read another output with model.score_kwargs: {knn: {feature_key: <key>}}"
     )
+    with pytest.raises(ValueError, match="a method that exposes logits$"):
+        check_score_requirements(build_score("msp"), {"features"}, has_head=False)
     with pytest.raises(ValueError, match="head"):
         check_score_requirements(build_score("vim"), {"features", "logits"}, has_head=False)
     check_score_requirements(build_score("msp"), {"logits"}, has_head=False)
@@ -320,8 +324,9 @@ def test_score_classes_declare_the_contract():
     needs_head = {n for n in SCORES.names() if SCORES.get(n).needs_head}
     assert needs_fit == {"knn", "mds", "rmds", "vim", "react"}
     assert needs_head == {"vim", "react", "ash"}
-    assert build_score("knn").hparams == {"k": 50}
-    assert build_score("ash").hparams == {"percentile": 90.0, "variant": "ash_s"}
+    assert build_score("knn").hparams == {"k": 50, "feature_key": "features"}
+    assert build_score("ash").hparams == {"percentile": 90.0, "variant": "ash_s", "feature_key": "features"}
+    assert build_score("mds").hparams == {"feature_key": "features"}
     assert build_score("gen").hparams == {"gamma": 0.1, "M": 100}
     assert build_score("react").percentile == 90.0
 
@@ -409,3 +414,129 @@ def test_every_score_separates_gaussian_clusters():
         aurocs[f"{name}{hp or ''}"] = _auroc(score(pack(id_test)), score(pack(ood_test)))
     print(aurocs)
     assert all(v > 0.9 for v in aurocs.values()), aurocs
+
+
+# ------------------------------------------------------------------------------------------------
+# feature_key: feature scores read any [N, D] output
+
+
+FEATURE_SCORES = ("knn", "mds", "rmds", "vim", "react", "ash")
+
+
+@pytest.fixture(scope="module")
+def two_keys(data):
+    """'features' and 'embedding' hold different tensors of the same width (so the head fits both)."""
+    ref, out, head = data
+    g = torch.Generator().manual_seed(7)
+    emb_ref = torch.randn(N, D, generator=g).abs() * 2.0 + 0.3 * torch.arange(D).flip(0)
+    emb_out = torch.randn(B, D, generator=g).abs() * 1.7
+    ref2 = {"features": ref["features"], "embedding": emb_ref, "labels": ref["labels"]}
+    out2 = {"features": out["features"], "embedding": emb_out}
+    return ref2, out2, head
+
+
+def test_every_feature_score_takes_feature_key():
+    assert {n for n in SCORES.names() if issubclass(SCORES.get(n), FeatureScore)} == set(FEATURE_SCORES)
+    for name in FEATURE_SCORES:
+        assert SCORES.get(name).hyperparameters()["feature_key"] == "features", name
+        score = build_score(name, feature_key="embedding")
+        assert score.requires == {"embedding"} and score.feature_key == "embedding", name
+        assert "features" not in score.reference_requires, name
+        assert SCORES.get(name).requires == {"features"}, name  # the class default is untouched
+    assert build_score("mds", feature_key="embedding").reference_requires == {"embedding", "labels"}
+
+
+@pytest.mark.parametrize("name", FEATURE_SCORES)
+def test_feature_score_with_feature_key_reads_that_output(two_keys, name):
+    ref, out, head = two_keys
+    keyed = fitted(name, ref, head, feature_key="embedding")
+    # the same score computed directly on the embedding, stored under the default key
+    direct = fitted(name, {"features": ref["embedding"], "labels": ref["labels"]}, head)
+    expected = direct({"features": out["embedding"]})
+    close(keyed(out), expected.numpy())
+    # nothing reads 'features': it may be absent from the outputs and the reference
+    alone = fitted(name, {"embedding": ref["embedding"], "labels": ref["labels"]}, head, feature_key="embedding")
+    close(alone({"embedding": out["embedding"]}), expected.numpy())
+    # and the default score does read 'features', which differs here
+    on_features = fitted(name, ref, head)(out)
+    assert not torch.allclose(on_features, expected, atol=1e-3), name
+
+
+def test_knn_and_mds_on_embedding_match_bruteforce(two_keys):
+    ref, out, _ = two_keys
+    bank = np_(ref["embedding"])
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    q = np_(out["embedding"])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    dists = np.sqrt(((q[:, None, :] - bank[None, :, :]) ** 2).sum(-1))
+    close(fitted("knn", ref, None, k=7, feature_key="embedding")(out), [-sorted(row)[6] for row in dists])
+    maha = _numpy_mahalanobis({"features": ref["embedding"], "labels": ref["labels"]}, np_(out["embedding"]))
+    close(fitted("mds", ref, None, feature_key="embedding")(out), -maha.min(axis=1))
+
+
+def test_missing_feature_key_is_named_by_every_check(two_keys):
+    ref, out, head = two_keys
+    knn = build_score("knn", feature_key="embedding")
+    with pytest.raises(ValueError) as err:
+        check_score_requirements(knn, {"features", "logits"}, has_head=False)
+    assert str(err.value).startswith(
+        "score 'knn' needs outputs {'embedding'} but the method provides {'features', 'logits'}; "
+        "pick another score or a method that exposes embedding"
+    )
+    check_score_requirements(knn, {"embedding", "logits"}, has_head=False)
+    with pytest.raises(ValueError, match=r"'mds' is fitted on ID training outputs \{'embedding', 'labels'\}"):
+        build_score("mds", feature_key="embedding").fit({"features": ref["features"], "labels": ref["labels"]})
+    knn.fit(ref)
+    with pytest.raises(KeyError, match=r"needs outputs \{'embedding'\}"):
+        knn({"features": out["features"]})
+    with pytest.raises(ValueError, match="'vim' needs outputs {'layer3'}"):
+        check_score_requirements(build_score("vim", feature_key="layer3"), {"features"}, has_head=True)
+
+
+def test_feature_key_validation():
+    with pytest.raises(ValueError, match="reserved"):
+        build_score("knn", feature_key="labels")
+    with pytest.raises(ValueError, match="non-empty"):
+        build_score("mds", feature_key="")
+    with pytest.raises(ValueError, match=r"'embedding' must be a \[N, D\] tensor"):
+        fitted("knn", {"embedding": torch.randn(4, 2, 3)}, None, feature_key="embedding")
+
+
+def test_feature_key_is_never_tuned(monkeypatch):
+    for name in SCORES.names():
+        assert "feature_key" not in SCORES.get(name).search_space, name
+    with pytest.raises(TypeError, match="must not tune 'feature_key'"):
+        type("Bad", (FeatureScore,), {"search_space": {"feature_key": ["features", "embedding"]}})
+    with pytest.raises(TypeError, match="keyword-only 'feature_key'"):
+
+        class NoKey(FeatureScore):
+            def __init__(self, *, k: int = 1) -> None:
+                super().__init__()
+
+    # tuning with feature_key held fixed: the grid and every candidate read the embedding
+    bank, id_val, ood_val = _knn_tuning_case()
+    junk = torch.randn(2, 8)  # 2 rows: a grid read from 'features' would be capped at k <= 2
+    ref = {"embedding": bank["features"], "features": junk}
+    id2 = {"embedding": id_val["features"], "features": -id_val["features"]}
+    ood2 = {"embedding": ood_val["features"], "features": id_val["features"]}
+    assert KNNScore.search_grid(ref, fixed={"feature_key": "embedding"})["k"] == [1, 10, 20, 50, 100, 103]
+    assert KNNScore.search_grid(ref)["k"] == [1, 2]
+    best, value = tune_score("knn", id2, ood2, ref, None, _auroc, fixed={"feature_key": "embedding"})
+    assert best == {"feature_key": "embedding", "k": 10} and value == 1.0
+
+
+def test_method_score_kwargs_feature_key_is_checked_against_output_keys():
+    from robustft.methods.base import OODMethod
+
+    class EmbeddingMethod(OODMethod):
+        keys = {"logits", "embedding"}
+
+        def output_keys(self) -> set[str]:
+            return set(self.keys)
+
+    method = EmbeddingMethod(num_classes=3, scores=["knn"], score_kwargs={"knn": {"feature_key": "embedding"}})
+    (knn,) = method.build_scores().values()
+    assert knn.requires == {"embedding"} and knn.hparams == {"k": 50, "feature_key": "embedding"}
+    EmbeddingMethod.keys = {"logits", "features"}
+    with pytest.raises(ValueError, match="needs outputs {'embedding'}"):
+        method.build_scores()
