@@ -2,6 +2,8 @@
 open_clip models (``robustft.backbones.clip``).
 
 Weights come from a local file (the offline default), never from a hub unless the user asks for it.
+Every backbone also returns the features of chosen blocks/stages, ``forward_intermediates(images,
+indices)`` (the contract is on :class:`~robustft.backbones.base.Backbone`).
 """
 
 from __future__ import annotations

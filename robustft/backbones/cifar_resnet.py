@@ -6,11 +6,20 @@ directly (after the ``module.`` prefix of DataParallel is stripped).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, PreprocessConfig
+from robustft.backbones.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    Indices,
+    PreprocessConfig,
+    resolve_indices,
+)
 
 
 class _ShortcutA(nn.Module):
@@ -43,6 +52,10 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(Backbone):
     """ResNet-(6n+2) for 32x32 inputs; ``forward`` returns the 64-d globally pooled features.
+
+    ``forward_intermediates`` levels (timm's ResNet numbering): 0 the stem (``relu(bn1(conv1))``,
+    16 x 32 x 32), 1-3 the outputs of ``layer1`` (16 x 32 x 32), ``layer2`` (32 x 16 x 16) and
+    ``layer3`` (64 x 8 x 8); ``forward`` is the global average pool of level 3.
 
     Weights and activations are kept channels-last (NHWC): oneDNN's CPU convolutions skip their layout
     reorders then, measured 1.37x faster training and 1.43x faster inference for ResNet-20 on a 2-core
@@ -77,7 +90,28 @@ class CifarResNet(Backbone):
         layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
+    def _stem(self, images: Tensor) -> Tensor:
+        return F.relu(self.bn1(self.conv1(images.contiguous(memory_format=torch.channels_last))))
+
+    def _levels(self) -> list[Callable[[Tensor], Tensor]]:
+        return [self._stem, self.layer1, self.layer2, self.layer3]
+
+    @property
+    def num_intermediates(self) -> int:
+        return 4
+
+    def forward_intermediates(self, images: Tensor, indices: Indices = None) -> dict[int, Tensor]:
+        take = resolve_indices(self.num_intermediates, indices, "stage")
+        out: dict[int, Tensor] = {}
+        x = images
+        for i, level in enumerate(self._levels()[: take[-1] + 1]):
+            x = level(x)
+            if i in take:
+                out[i] = x
+        return out
+
     def forward(self, images: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(images.contiguous(memory_format=torch.channels_last))))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = images
+        for level in self._levels():
+            x = level(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)

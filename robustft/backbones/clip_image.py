@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-from robustft.backbones.base import Backbone
+from robustft.backbones.base import Backbone, Indices
 from robustft.backbones.clip import CLIPBackbone
+from robustft.backbones.clip.features import visual_forward_intermediates, visual_num_intermediates
 
 __all__ = ["CLIPImageBackbone"]
 
@@ -53,6 +54,14 @@ class CLIPImageBackbone(Backbone):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.visual(images)
+
+    @property
+    def num_intermediates(self) -> int:
+        return visual_num_intermediates(self.visual)
+
+    def forward_intermediates(self, images: Tensor, indices: Indices = None) -> dict[int, Tensor]:
+        """Vision-tower block/stage outputs (see :func:`~robustft.backbones.clip.visual_forward_intermediates`)."""
+        return visual_forward_intermediates(self.visual, images, indices)
 
     @property
     def has_text_tower(self) -> bool:
