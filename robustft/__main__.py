@@ -1,6 +1,8 @@
 """``python -m robustft ...``: see :mod:`robustft.cli`."""
 
-from robustft.cli import main
+import sys
+
+from robustft.cli import cli_main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main())

@@ -8,22 +8,40 @@ registered as a subcommand, so it parses exactly like ``fit``.
 
 from __future__ import annotations
 
+import os
 import sys
+from argparse import ArgumentError
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import robustft.callbacks  # noqa: F401 - lets YAML name callbacks by class name
 import robustft.methods  # noqa: F401 - lets YAML name methods by class name
+from robustft.averaging import StateDictMismatchError
+from robustft.backbones import WeightsError
 from robustft.callbacks.ood_eval import OODEvaluation
-from robustft.checkpointing import AtomicCheckpointIO
+from robustft.checkpointing import AtomicCheckpointIO, CheckpointFileError, inspect_checkpoint
 from robustft.data.datamodule import OODDataModule
-from robustft.data.sources import DatasetSpec
-from robustft.methods.base import CHECKPOINT_KEY, OODMethod
-from robustft.ood.report import check_writable
+from robustft.data.sources import DataConfigError, DatasetSpec
+from robustft.evaluation.engine import EvaluationConfigError, NonFiniteOutputsError
+from robustft.methods.base import ConfigMismatchError, NonFiniteLossError, OODMethod, method_mismatch_message
+from robustft.ood.report import ReportDirError, check_writable
+from robustft.registry import UnknownNameError
+from robustft.state_dicts import NotAStateDictError
+
+
+class RunFolderExistsError(RuntimeError):
+    """A fresh ``fit`` would write into the checkpoint folder of an earlier run."""
+
+
+class ConfigFileError(ValueError):
+    """A ``--config`` file is missing or is not valid YAML."""
 
 
 class RobustTrainer(pl.Trainer):
@@ -36,6 +54,43 @@ class RobustTrainer(pl.Trainer):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
         super().__init__(*args, **kwargs)
+
+    def fit(self, model: pl.LightningModule, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """``Trainer.fit``, refusing to start a fresh run in the checkpoint folder of an earlier one.
+
+        Lightning would write ``last-v1.ckpt`` next to the earlier run's ``last.ckpt`` (which the README
+        tells users to evaluate) and mix both runs' files. Resuming (``--ckpt_path last``) and SLURM's
+        requeue (an ``hpc_ckpt_*.ckpt`` in ``default_root_dir``) continue the same run and are allowed.
+        """
+        if ckpt_path is None and self._checkpoint_connector._hpc_resume_path is None:
+            for folder in self._fixed_checkpoint_dirs():
+                if (folder / "last.ckpt").exists():
+                    raise RunFolderExistsError(
+                        f"'{folder}' already holds last.ckpt of an earlier run. Resume it with --ckpt_path last, "
+                        "or start a new run in another folder (e.g. --trainer.logger.init_args.version run2, or "
+                        "another trainer.default_root_dir), or delete the earlier run's folder"
+                    )
+        return super().fit(model, *args, ckpt_path=ckpt_path, **kwargs)
+
+    def _fixed_checkpoint_dirs(self) -> list[Path]:
+        """Folders the ModelCheckpoint callbacks will write to, resolved as Lightning resolves them, but
+        only where the folder is fixed in advance: a logger with an automatic version (``version_N``)
+        starts a new folder on every run and cannot clash. Reads no collective (runs before setup)."""
+        folders = []
+        for callback in self.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint):
+                continue
+            if callback.dirpath is not None:
+                folders.append(Path(callback.dirpath))
+            elif not self.loggers:
+                folders.append(Path(self.default_root_dir) / "checkpoints")
+            else:
+                logger = self.loggers[0]
+                if getattr(logger, "_version", 0) is None:  # automatic version: a fresh folder
+                    continue
+                version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+                folders.append(Path(logger.save_dir or self.default_root_dir) / str(logger.name) / version / "checkpoints")
+        return folders
 
     def evaluate(
         self,
@@ -57,8 +112,8 @@ class RobustTrainer(pl.Trainer):
             tune: tune score hyper-parameters on ``data.ood_val`` (never on test sets) first.
         """
         check_writable(report_dir)
-        if ckpt_path is not None and not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"--ckpt_path: '{ckpt_path}' is not a file; give a checkpoint written by fit")
+        if ckpt_path is not None:
+            inspect_checkpoint(ckpt_path)
         callback = next((c for c in self.callbacks if isinstance(c, OODEvaluation)), None)
         if callback is None:
             callback = OODEvaluation(every_n_epochs=0)
@@ -141,35 +196,111 @@ class RobustTrainer(pl.Trainer):
 EVAL_SUBCOMMANDS = ("validate", "test", "predict", "evaluate")
 #: model arguments a user may change when evaluating a checkpoint (the rest come from the checkpoint)
 EVAL_TIME_MODEL_ARGS = ("scores", "score_kwargs")
+#: what a user's mistake can raise; these end in one short message instead of a traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ArgumentError,
+    CheckpointFileError,
+    ConfigFileError,
+    ConfigMismatchError,
+    DataConfigError,
+    EvaluationConfigError,
+    MisconfigurationException,
+    NonFiniteLossError,
+    NonFiniteOutputsError,
+    NotAStateDictError,
+    ReportDirError,
+    RunFolderExistsError,
+    StateDictMismatchError,
+    UnknownNameError,
+    WeightsError,
+)
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "ROBUSTFT_DEBUG"
 
 
-def _ckpt_path_arg(args: list[str]) -> str | None:
+def _flag_value(args: Sequence[str], *flags: str) -> list[str]:
+    """Every value given to ``flags`` (``--flag value`` or ``--flag=value``)."""
+    values = []
     for i, arg in enumerate(args):
-        if arg == "--ckpt_path" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--ckpt_path="):
-            return arg.split("=", 1)[1]
-    return None
+        for flag in flags:
+            if arg == flag and i + 1 < len(args):
+                values.append(args[i + 1])
+            elif arg.startswith(f"{flag}="):
+                values.append(arg.split("=", 1)[1])
+    return values
+
+
+def _ckpt_path_arg(args: Sequence[str]) -> str | None:
+    values = _flag_value(args, "--ckpt_path")
+    return values[-1] if values else None
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Every ``--config`` file exists and parses as YAML; errors name the file, line and column.
+
+    jsonargparse reports a YAML syntax error against "<unicode string>", which names no file."""
+    for value in _flag_value(args, "--config", "-c"):
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigFileError(f"--config '{value}': no such file")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigFileError(f"--config '{value}': YAML syntax error{where}: {problem}; fix the file") from None
 
 
 def _model_from_checkpoint(args: list[str]) -> list[str]:
     """Let ``evaluate --ckpt_path X`` run without a model section: default ``--model`` to the checkpoint's
-    method class. Inserted right after the subcommand, so a model in the user's config still wins."""
-    if not args or args[0] not in EVAL_SUBCOMMANDS:
+    method class. Inserted right after the subcommand, so a model in the user's config still wins (and
+    is then checked against the checkpoint in :meth:`RobustFTCLI._parse_ckpt_path`). A file that is not a
+    robustft checkpoint is refused here, before parsing, with what it is and the fix."""
+    if not args or args[0] not in (*EVAL_SUBCOMMANDS, "fit"):
         return args
     ckpt_path = _ckpt_path_arg(args)
-    if ckpt_path is None or not Path(ckpt_path).is_file():
+    if ckpt_path is None or (args[0] == "fit" and ckpt_path in ("last", "hpc", "best")):
         return args
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception:  # unreadable checkpoints are reported by Lightning with their own message
+    if args[0] != "fit" and ckpt_path in ("last", "best"):
         return args
-    method = (checkpoint.get(CHECKPOINT_KEY) or {}).get("method")
-    return [args[0], f"--model={method}", *args[1:]] if method else args
+    info = inspect_checkpoint(ckpt_path)
+    return [args[0], f"--model={info.method}", *args[1:]] if args[0] in EVAL_SUBCOMMANDS else args
+
+
+def _condense_argument_error(message: str) -> str:
+    """jsonargparse's message without the lines that describe its own type machinery."""
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes: [", "- Expected a <class 'NoneType'>",
+             "Given value type:", "Given value:", "Errors:")
+    lines = [line.strip() for line in message.strip().splitlines() if not line.strip().startswith(noise)]
+    return "\n".join(f"  {line}" for line in lines if line)
+
+
+def format_user_error(error: BaseException) -> str | None:
+    """The short block a user sees for a mistake: what is wrong, where, and the fix; ``None`` for a bug.
+
+    jsonargparse wraps errors raised while it builds the model or data (a misspelt score name raises
+    ``ConfigMismatchError`` inside ``ValueError`` inside ``ArgumentError``): the outermost robustft error
+    in the chain carries the message that names the field, so the chain is searched for it first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    ours = [e for e in chain if isinstance(e, USER_ERRORS) and not isinstance(e, ArgumentError)]
+    if ours:
+        return f"robustft: error: {ours[0]}"
+    parse_errors = [e for e in chain if isinstance(e, ArgumentError)]
+    if parse_errors:
+        return (f"robustft: error in the configuration:\n{_condense_argument_error(str(parse_errors[0]))}\n"
+                "See the accepted options with `python -m robustft <subcommand> --help`, or those of one class "
+                "with `--model.help <class>` / `--data.help <class>`.")
+    return None
 
 
 class RobustFTCLI(LightningCLI):
-    """LightningCLI with the ``evaluate`` subcommand; evaluating a checkpoint needs no model section."""
+    """LightningCLI with the ``evaluate`` / ``average`` subcommands; evaluating a checkpoint needs no model
+    section, and evaluation subcommands write into their own folder, never over the training run's."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -179,24 +310,85 @@ class RobustFTCLI(LightningCLI):
             "average": {"model", "datamodule"},
         }
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        # raise ArgumentError instead of printing a 50-line usage dump; `cli_main` prints one short block
+        kwargs["exit_on_error"] = False
+        kwargs["allow_abbrev"] = False  # a misspelt flag is an error, not a silently expanded prefix
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
+        # LightningCLI warns when both `args` and sys.argv are given; robustft itself passes the (edited)
+        # command line, so it parses here directly.
         if args is None or isinstance(args, list):
-            args = _model_from_checkpoint(list(sys.argv[1:] if args is None else args))
-        super().parse_arguments(parser, args)
+            args = list(sys.argv[1:] if args is None else args)
+            check_config_files(args)
+            args = _model_from_checkpoint(args)
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         """Checkpoint hyper-parameters override the config (Lightning's rule), except the evaluation-time
-        ones (which scores to compute), which the user's config or flags keep."""
+        ones (which scores to compute), which the user's config or flags keep. A model class named in the
+        config that is not the checkpoint's method is refused (Lightning would silently swap it)."""
         subcommand = self.config.get("subcommand")
-        init_args = self.config[subcommand].model.get("init_args", {}) if subcommand else {}
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        model = self.config[subcommand].get("model")
+        if ckpt_path and Path(ckpt_path).is_file() and model is not None and model.get("class_path"):
+            info = inspect_checkpoint(ckpt_path)
+            configured = _full_class_path(model.class_path)
+            if configured != info.method:
+                raise ConfigMismatchError(method_mismatch_message(info.method, configured))
+        init_args = model.get("init_args", {}) if model is not None else {}
         kept = {key: init_args.get(key) for key in EVAL_TIME_MODEL_ARGS if init_args.get(key) is not None}
         super()._parse_ckpt_path()
         for key, value in kept.items():
             self.config[subcommand].model.init_args[key] = value
 
+    def before_instantiate_classes(self) -> None:
+        """``validate`` / ``test`` / ``predict`` / ``evaluate`` log into a ``<subcommand>`` folder of their own,
+        so they never overwrite the training run's ``config.yaml``, events or ``ood_report``."""
+        subcommand = self.config.get("subcommand")
+        if subcommand in EVAL_SUBCOMMANDS:
+            redirect_outputs(self.config[subcommand].trainer, subcommand)
+
+
+def _full_class_path(class_path: str) -> str:
+    """``Classifier`` -> ``robustft.methods.classifier.Classifier`` (how checkpoints name methods)."""
+    from jsonargparse._typehints import resolve_class_path_by_name  # the name resolution the parser used
+
+    from robustft.methods.base import method_path
+
+    try:
+        resolved = resolve_class_path_by_name(OODMethod, class_path)
+        module, _, name = resolved.rpartition(".")
+        return method_path(getattr(__import__(module, fromlist=[name]), name))
+    except Exception:  # unresolvable: compare as written
+        return class_path
+
+
+def redirect_outputs(trainer_config: Any, subcommand: str) -> None:
+    """Point an evaluation subcommand's logger (or ``default_root_dir`` without one) at ``<folder>/<subcommand>``."""
+    logger = trainer_config.get("logger")
+    if logger is False:
+        root = trainer_config.get("default_root_dir") or os.getcwd()
+        trainer_config.default_root_dir = str(Path(root) / subcommand)
+        return
+    loggers = logger if isinstance(logger, list) else [logger]
+    for entry in loggers:
+        class_path = str(entry.get("class_path", "")) if hasattr(entry, "get") else ""
+        init_args = entry.get("init_args") if hasattr(entry, "get") else None
+        if init_args is None:
+            continue
+        if class_path.endswith("TensorBoardLogger") and not init_args.get("sub_dir"):
+            init_args.sub_dir = subcommand
+        elif class_path.endswith("CSVLogger"):
+            init_args.name = f"{init_args.get('name') or 'lightning_logs'}/{subcommand}"
+
 
 def main(args: list[str] | None = None, run: bool = True) -> RobustFTCLI:
-    """Entry point of ``python -m robustft``; ``args`` lets tests drive the real CLI in-process."""
+    """Build and run the CLI; ``args`` lets tests drive the real CLI in-process. Errors propagate (use
+    :func:`cli_main` for the command-line behaviour)."""
     return RobustFTCLI(
         OODMethod,
         OODDataModule,
@@ -210,3 +402,22 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustFTCLI:
         args=args,
         run=run,
     )
+
+
+def cli_main(args: list[str] | None = None) -> int:
+    """``python -m robustft``: run the CLI; a user's mistake ends in one short block on stderr and exit
+    code 2, without a traceback. ``--debug`` (or ``ROBUSTFT_DEBUG=1``) shows the full traceback."""
+    args = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [arg for arg in args if arg != DEBUG_FLAG]
+    try:
+        main(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        message = format_user_error(exc)
+        if message is None or debug:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+    return 0

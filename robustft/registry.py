@@ -14,6 +14,13 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError):
+    """A registry lookup of a name that is not registered; the message lists close matches."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(Generic[T]):
     """A name -> object map with decorator registration and helpful lookup errors."""
 
@@ -39,7 +46,7 @@ class Registry(Generic[T]):
         if key not in self._entries:
             close = difflib.get_close_matches(key, self._entries, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise KeyError(
+            raise UnknownNameError(
                 f"Unknown {self.kind} '{name}'.{hint} Available: {', '.join(sorted(self._entries))}."
             )
         return self._entries[key]

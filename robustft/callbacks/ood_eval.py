@@ -14,7 +14,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from robustft.callbacks.output_dir import resolve_output_dir
 from robustft.callbacks.plots import log_score_plots
+from robustft.checkpointing import file_sha256
 from robustft.data.datamodule import OODDataModule
 from robustft.evaluation.engine import EvaluationResult, check_evaluable, evaluate_model
 from robustft.methods.base import OODMethod
@@ -71,6 +73,8 @@ class OODEvaluation(pl.Callback):
         self.plots = plots
         self.tune = tune
         self.last_result: EvaluationResult | None = None
+        self._resolved_report_dir: Path | None = None
+        self._checkpoint_digest: tuple[str, str] | None = None
 
     def _datamodule(self, trainer: pl.Trainer) -> OODDataModule:
         datamodule = trainer.datamodule
@@ -79,19 +83,23 @@ class OODEvaluation(pl.Callback):
         return datamodule
 
     def _report_dir(self, trainer: pl.Trainer) -> Path:
-        if self.report_dir is not None:
-            return Path(self.report_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "ood_report"
+        """The folder resolved in :meth:`setup`. ``trainer.log_dir`` broadcasts from rank 0, so it is read
+        there, on every rank at the same point; reading it later on rank 0 alone would deadlock DDP."""
+        if self._resolved_report_dir is None:
+            self._resolved_report_dir = resolve_output_dir(trainer, self.report_dir, "ood_report")
+        return self._resolved_report_dir
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Fail fast, before training: scores buildable for this method, OOD sets present, dir writable."""
         if not isinstance(pl_module, OODMethod):
             raise TypeError(f"OODEvaluation needs an OODMethod, got {type(pl_module).__name__}")
+        self._resolved_report_dir = None
+        report_dir = self._report_dir(trainer)  # every rank: may broadcast
         datamodule = self._datamodule(trainer)
         datamodule.setup(stage)
         check_evaluable(pl_module, datamodule)
         if trainer.is_global_zero:
-            check_writable(self._report_dir(trainer))
+            check_writable(report_dir)
 
     def _run(self, trainer: pl.Trainer, pl_module: OODMethod, max_samples: int | None = None, log: bool = True) -> None:
         result = evaluate_model(
@@ -99,7 +107,7 @@ class OODEvaluation(pl.Callback):
             self._datamodule(trainer),
             device=pl_module.device,
             tune=self.tune,
-            meta={"epoch": trainer.current_epoch, "global_step": trainer.global_step},
+            meta=self._meta(trainer, pl_module),
             max_samples=max_samples,
         )
         self.last_result = result
@@ -109,6 +117,23 @@ class OODEvaluation(pl.Callback):
         if trainer.is_global_zero:
             write_report(result.report, self._report_dir(trainer))
             self._plot(trainer, pl_module, result)
+
+    def _meta(self, trainer: pl.Trainer, pl_module: OODMethod) -> dict:
+        """Which weights the report describes: the training position during ``fit``; the checkpoint's
+        path, sha256, epoch and step when ``test`` / ``evaluate`` loaded one (the trainer's own counters
+        are 0 there, since evaluation does not restore the training loop)."""
+        if trainer.state.fn == "fit" or not trainer.ckpt_path:
+            return {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        path = str(Path(trainer.ckpt_path).resolve())
+        if self._checkpoint_digest is None or self._checkpoint_digest[0] != path:
+            self._checkpoint_digest = (path, file_sha256(path))
+        loaded = pl_module.loaded_checkpoint or {}
+        return {
+            "epoch": loaded.get("epoch"),
+            "global_step": loaded.get("global_step"),
+            "checkpoint": path,
+            "checkpoint_sha256": self._checkpoint_digest[1],
+        }
 
     def _plot(self, trainer: pl.Trainer, pl_module: OODMethod, result: EvaluationResult) -> None:
         if not self.plots:

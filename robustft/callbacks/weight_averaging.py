@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from robustft.callbacks.output_dir import resolve_output_dir
 from robustft.data.datamodule import OODDataModule
 from robustft.data.shifts import DEFAULT_CORRUPTIONS, check_projection, shifted_test_sets
 from robustft.data.sources import DatasetSpec
@@ -85,11 +86,13 @@ class WeightAveraging(pl.Callback):
         self.theta0: dict[str, Tensor] | None = None
         self.last_result: SweepResult | None = None
         self.checkpoint_path: Path | None = None
+        self._resolved_report_dir: Path | None = None
 
     def _report_dir(self, trainer: pl.Trainer) -> Path:
-        if self.report_dir is not None:
-            return Path(self.report_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "average"
+        """Resolved once in ``on_fit_start`` on every rank (``trainer.log_dir`` broadcasts)."""
+        if self._resolved_report_dir is None:
+            self._resolved_report_dir = resolve_output_dir(trainer, self.report_dir, "average")
+        return self._resolved_report_dir
 
     # θ0 travels in checkpoints so that `fit --ckpt_path last` still averages with the true start
     def state_dict(self) -> dict[str, Any]:
@@ -101,6 +104,8 @@ class WeightAveraging(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, OODMethod):
             raise TypeError(f"WeightAveraging needs an OODMethod, got {type(pl_module).__name__}")
+        self._resolved_report_dir = None
+        self._report_dir(trainer)  # every rank, before any rank-0-only branch
         if self.theta0 is None:
             if trainer.ckpt_path is not None:
                 rank_zero_warn(

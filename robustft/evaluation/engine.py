@@ -27,6 +27,26 @@ class EvaluationConfigError(ValueError):
     """The evaluation cannot run as configured (no OOD sets, empty set, ...)."""
 
 
+class NonFiniteOutputsError(FloatingPointError):
+    """The model itself produced NaN/Inf (diverged weights), as opposed to a score function overflowing."""
+
+
+def check_finite_outputs(model: OODMethod, outputs: dict[str, Tensor], set_name: str) -> None:
+    """Refuse NaN/Inf model outputs where they appear, naming the output, the set and the training step.
+
+    Without this check they surface later as "the score function overflowed", which blames the score
+    for what is a diverged model (e.g. a learning rate of 1e6)."""
+    for key, value in outputs.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).any(dim=-1).sum()) if value.ndim > 1 else int((~torch.isfinite(value)).sum())
+            raise NonFiniteOutputsError(
+                f"the model's outputs are NaN/Inf: '{key}' of {bad} sample(s) of the {set_name} set, with the "
+                f"weights of epoch {model.current_epoch}, global step {model.global_step}. The weights diverged "
+                "during training: lower model.lr, enable gradient clipping (trainer.gradient_clip_val), or "
+                "evaluate an earlier checkpoint"
+            )
+
+
 @dataclass
 class EvaluationResult:
     """The report plus the raw per-sample scores (for histograms / ROC plots)."""
@@ -39,9 +59,11 @@ class EvaluationResult:
 
 @torch.no_grad()
 def collect_outputs(
-    model: OODMethod, datamodule: OODDataModule, dataset: Dataset, device: torch.device
+    model: OODMethod, datamodule: OODDataModule, dataset: Dataset, device: torch.device, set_name: str = "evaluation"
 ) -> dict[str, Tensor]:
-    """``forward_eval`` over ``dataset`` (this rank's shard), gathered across ranks, ordered by index."""
+    """``forward_eval`` over ``dataset`` (this rank's shard), gathered across ranks, ordered by index.
+
+    Raises :class:`NonFiniteOutputsError` (on every rank, after the gather) if the model output NaN/Inf."""
     loader = datamodule.eval_loader(dataset, sampler=ShardSampler(len(dataset)))
     keep = model.output_keys()
     chunks: dict[str, list[Tensor]] = {}
@@ -67,6 +89,7 @@ def collect_outputs(
     gathered = gather_by_index(local, backend_device=device)
     if len(gathered["index"]) != len(dataset):
         raise RuntimeError(f"evaluated {len(gathered['index'])} samples of a set of {len(dataset)}")
+    check_finite_outputs(model, {k: v for k, v in gathered.items() if k in keep}, set_name)
     return gathered
 
 
@@ -96,8 +119,8 @@ def tune_on_ood_val(
         raise EvaluationConfigError(
             "tuning needs an ID validation set (data.val or data.val_fraction > 0) and data.ood_val sets"
         )
-    id_val = collect_outputs(model, datamodule, val, device)
-    ood_outputs = [collect_outputs(model, datamodule, ds, device) for ds in ood_val.values()]
+    id_val = collect_outputs(model, datamodule, val, device, "ID validation")
+    ood_outputs = [collect_outputs(model, datamodule, ds, device, f"OOD validation '{name}'") for name, ds in ood_val.items()]
     pooled = {k: torch.cat([o[k] for o in ood_outputs]) for k in ood_outputs[0] if k != "index"}
     head = model.classifier_head()
     head = None if head is None else (head[0].detach().float(), head[1].detach().float())
@@ -139,18 +162,20 @@ def evaluate_model(
     check_evaluable(model, datamodule)
     reference = None
     if model.needs_reference() or (tune and any(s.needs_fit for s in model.scores.values())):
-        reference = collect_outputs(model, datamodule, datamodule.reference_dataset(), device)
+        reference = collect_outputs(model, datamodule, datamodule.reference_dataset(), device, "ID reference (train)")
     tuned = tune_on_ood_val(model, datamodule, device, reference) if tune else {}
     model.fit_reference(reference)
 
-    id_outputs = collect_outputs(model, datamodule, sample_eval_set(datamodule.test_dataset(), max_samples), device)
+    id_outputs = collect_outputs(
+        model, datamodule, sample_eval_set(datamodule.test_dataset(), max_samples), device, "ID test"
+    )
     id_scores = model.ood_scores(id_outputs)
     correct = int((id_outputs["logits"].argmax(1) == id_outputs["labels"]).sum().item())
     id_acc = correct / len(id_outputs["labels"])
     per_set: dict[str, dict[str, dict[str, float]]] = {}
     all_ood_scores: dict[str, dict[str, Tensor]] = {}
     for name, dataset in datamodule.ood_datasets("test").items():
-        outputs = collect_outputs(model, datamodule, sample_eval_set(dataset, max_samples), device)
+        outputs = collect_outputs(model, datamodule, sample_eval_set(dataset, max_samples), device, f"OOD '{name}'")
         scores = model.ood_scores(outputs)
         all_ood_scores[name] = scores
         per_set[name] = {

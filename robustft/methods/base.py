@@ -21,17 +21,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustft.backbones.base import PreprocessConfig
+from robustft.checkpointing import CHECKPOINT_KEY
 from robustft.optim import build_optimizer, build_scheduler
-
-CHECKPOINT_KEY = "robustft"
 
 
 class ConfigMismatchError(ValueError):
     """Model and data (or checkpoint) disagree; the message names both sides and the fix."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/Inf; the message names the step and what to change."""
+
+
 def method_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def method_mismatch_message(checkpoint_method: str, configured_method: str) -> str:
+    """Why a checkpoint of one method cannot be loaded into another, and the two ways out."""
+    return (
+        f"the checkpoint is from method {checkpoint_method} but the model is {configured_method}; "
+        f"set model.class_path: {checkpoint_method} (or drop the model section to take it from the checkpoint)"
+    )
 
 
 class OODMethod(pl.LightningModule):
@@ -74,6 +85,8 @@ class OODMethod(pl.LightningModule):
                 f"model.score_kwargs names {sorted(unknown)}, which are not in model.scores {self.score_names}"
             )
         self._scores: dict | None = None
+        #: ``{"epoch", "global_step"}`` of the checkpoint these weights were loaded from (None: not loaded)
+        self.loaded_checkpoint: dict[str, int | None] | None = None
         self._validate_score_names()
 
     # ------------------------------------------------------------------ contract for subclasses
@@ -154,7 +167,7 @@ class OODMethod(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.training_loss(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
                 "lower model.lr, check the input normalisation, or enable gradient clipping "
                 "(trainer.gradient_clip_val)"
@@ -207,11 +220,9 @@ class OODMethod(pl.LightningModule):
                 "model.init_args.backbone_weights instead of --ckpt_path"
             )
         if info["method"] != method_path(type(self)):
-            raise ConfigMismatchError(
-                f"the checkpoint is from method {info['method']} but the model is {method_path(type(self))}; "
-                f"set model.class_path: {info['method']} (or drop the model section to take it from the checkpoint)"
-            )
+            raise ConfigMismatchError(method_mismatch_message(info["method"], method_path(type(self))))
         if info.get("num_classes") not in (None, self.num_classes):
             raise ConfigMismatchError(
                 f"the checkpoint has {info['num_classes']} classes but model.num_classes is {self.num_classes}"
             )
+        self.loaded_checkpoint = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}

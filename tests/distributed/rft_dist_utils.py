@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,10 +54,24 @@ def cli_command(*args: str) -> list[str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``python -m robustft <args>`` from the repository root; fail with its output if it fails."""
-    result = subprocess.run(
-        cli_command(*args), cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
+    """Run ``python -m robustft <args>`` from the repository root; fail with its output if it fails.
+
+    The run gets its own process group, and a run past ``timeout`` is killed with every process it
+    started (DDP ranks included): a deadlock fails the test instead of hanging the suite."""
+    proc = subprocess.Popen(
+        cli_command(*args), cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"`robustft {' '.join(args)}` did not finish within {timeout}s (deadlock?); killed its process group\n"
+            f"--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-6000:]}"
+        ) from None
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if result.returncode != 0:
         raise AssertionError(
             f"`robustft {' '.join(args)}` exited with {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}"

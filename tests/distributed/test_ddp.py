@@ -81,3 +81,19 @@ def test_ddp_fit_and_test_reports_equal_single_process_evaluate(tmp_path: Path) 
     assert compare_reports(test_report, single, atol=1e-6) == []
     # the per-epoch report at the end of the DDP fit was computed on the weights saved in last.ckpt
     assert compare_reports(fit_report, single, atol=1e-6) == []
+
+
+def test_ddp_fit_with_default_report_dir_and_logger_does_not_hang(tmp_path: Path) -> None:
+    """2 CPU processes, OODEvaluation with the default ``report_dir`` (under ``trainer.log_dir``, which
+    broadcasts) and a TensorBoard logger: every rank must reach every collective. Before the fix rank 0
+    alone read ``log_dir`` and the job deadlocked; the timeout turns a regression into a failure."""
+    config = tiny_config(tmp_path / "run", devices=2, strategy="ddp", callbacks=[
+        callback("robustft.callbacks.OODEvaluation", every_n_epochs=1),
+        callback("lightning.pytorch.callbacks.ModelCheckpoint", save_last=True),
+    ], trainer={"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                           "init_args": {"save_dir": str(tmp_path / "logs"), "name": "tb", "version": ""}}})
+    run_cli("fit", "--config", str(write_config(tmp_path / "fit.yaml", config)), timeout=150)
+    log_dir = tmp_path / "logs" / "tb"
+    report = _report(log_dir / "ood_report")
+    assert report["meta"]["world_size"] == 2 and report["id"]["n"] == 101
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()

@@ -97,9 +97,9 @@ def test_reference_pass_only_for_fitted_scores(datamodule: OODDataModule, monkey
     sizes: list[int] = []
     original = engine.collect_outputs
 
-    def recording(m, dm, dataset, device):
+    def recording(m, dm, dataset, device, *args):
         sizes.append(len(dataset))
-        return original(m, dm, dataset, device)
+        return original(m, dm, dataset, device, *args)
 
     monkeypatch.setattr(engine, "collect_outputs", recording)
     evaluate_model(model, datamodule, device=torch.device("cpu"))
@@ -112,9 +112,9 @@ def test_tuning_uses_ood_validation_sets_only(datamodule: OODDataModule, monkeyp
     used: list[object] = []
     original = engine.collect_outputs
 
-    def recording(m, dm, dataset, device):
+    def recording(m, dm, dataset, device, *args):
         used.append(dataset)
-        return original(m, dm, dataset, device)
+        return original(m, dm, dataset, device, *args)
 
     monkeypatch.setattr(engine, "collect_outputs", recording)
     tuned = engine.tune_on_ood_val(model, datamodule, torch.device("cpu"), original(model, datamodule, datamodule.reference_dataset(), torch.device("cpu")))
