@@ -107,6 +107,21 @@ def mixup(
     return mixed_images, mixed_targets, lam
 
 
+def alignment_regularizer(
+    image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float
+) -> Tensor:
+    """CMA's cross-modal alignment term ``R = ½(R_img + R_txt)`` with ``R_dir = -(1/B) Σ_k log Σ_j exp(z_kj)``
+    over the logits ``z = s · î @ t̂ᵀ`` of each direction (features L2-normalised here).
+
+    ``contrastive_loss(i, t, s, lam, ids) = contrastive_loss(i, t, s, 0, ids) + lam * alignment_regularizer(i, t, s)``
+    (up to rounding), which is how :class:`~robustft.methods.ContrastiveFinetune` logs the two terms apart.
+    """
+    image = F.normalize(image_features, dim=-1)
+    text = F.normalize(text_features, dim=-1)
+    logits = logit_scale * image @ text.T
+    return -0.5 * (torch.logsumexp(logits, dim=1).mean() + torch.logsumexp(logits, dim=0).mean())
+
+
 def _scaled_infonce(logits: Tensor, targets: Tensor | None, lam: float) -> Tensor:
     """Row-wise InfoNCE with the log-partition scaled by ``1 - λ``.
 

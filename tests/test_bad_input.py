@@ -9,6 +9,7 @@ sets, so that each case costs a parse and a model build, not a JPEG decode of 5k
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from robustft.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = str(REPO / "data" / "weights" / "resnet20-12fca82f.th")
+TABLE_ENV = "ROBUSTFT_BAD_INPUT_TABLE"
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,9 @@ def _base_config(root: Path, arrays: dict[str, str]) -> dict:
         "model": {
             "class_path": "robustft.methods.Classifier",
             "init_args": {"num_classes": 10, "backbone": "cifar_resnet20", "backbone_weights": WEIGHTS,
-                          "scores": ["msp", "energy"], "lr": 0.01},
+                          "scores": ["msp", "energy"],
+                          "optimizer": {"class_path": "torch.optim.SGD",
+                                        "init_args": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5.0e-4}}},
         },
         "data": {
             "class_path": "robustft.data.OODDataModule",
@@ -137,6 +141,11 @@ def _fails_cleanly(world: BadInputWorld, capsys: pytest.CaptureFixture[str], arg
     assert len(message.splitlines()) <= 8, f"message is not short:\n{message}"
     for needle in must_name:
         assert needle in message, f"{needle!r} not in message:\n{message}"
+    if os.environ.get(TABLE_ENV):  # tools/bad_input_table.py collects case -> message for experiments/
+        case = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+        with open(os.environ[TABLE_ENV], "a") as handle:
+            handle.write(json.dumps({"case": case, "args": args[3:] if args[0] == "fit" else args,
+                                     "message": message.strip()}) + "\n")
     after = _snapshot(world.run_dir)
     assert {name: after.get(name) for name in before} == before, "a file of the earlier run changed or vanished"
     tops = {name.split("/")[0] for name in before} | set(EVAL_FOLDERS)
@@ -380,7 +389,7 @@ def test_tuning_without_ood_validation_sets(world, capsys) -> None:
 
 def test_diverged_weights_are_named_as_the_model_not_the_score(world, capsys) -> None:
     out = world.root / "diverged"
-    message = _fails_cleanly(world, capsys, _fit(world, "--model.init_args.lr", "1e6", "--trainer.limit_train_batches",
+    message = _fails_cleanly(world, capsys, _fit(world, "--model.init_args.optimizer.init_args.lr", "1e6", "--trainer.limit_train_batches",
                                                  "3", "--trainer.logger.init_args.save_dir", str(out)), "NaN", "step")
     assert "score function" not in message
 

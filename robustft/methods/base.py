@@ -8,21 +8,40 @@ method. It only calls:
 - :meth:`OODMethod.fit_reference` -- once per evaluation, for scores that need ID training statistics;
 - :meth:`OODMethod.ood_scores` -- ``{score name: [B] tensor}``, higher = more in-distribution.
 
-Subclasses implement ``forward_eval`` and ``training_loss`` and name their ``default_score``.
+Training, shared by every method (subclasses never re-implement the step):
+
+- :meth:`OODMethod.training_losses` -- ``{term: scalar}``; the total loss is the SUM of the terms (a
+  method weights its terms itself). ``train/<term>`` and ``train/loss`` are logged every step, and a
+  NaN/Inf loss stops the run with :class:`NonFiniteLossError` naming the term, step and epoch.
+- Automatic optimisation (the default): Lightning steps the optimizer; ``trainer.gradient_clip_val``
+  clips. Manual optimisation (``automatic_optimization = False``, e.g. one step per view): the
+  subclass calls :meth:`OODMethod.manual_step` once per step it wants; it does the logging, the finite
+  check, ``manual_backward`` (precision plugin), clipping to ``manual_clip_val`` (Lightning refuses
+  ``trainer.gradient_clip_val`` here), the optimizer step and the per-step scheduler step.
+- :meth:`OODMethod.param_groups` -- parameter groups with ``lr_mult`` / ``wd_mult`` multipliers of the
+  configured optimizer's ``lr`` / ``weight_decay``.
+- ``optimizer`` / ``scheduler`` constructor arguments (Lightning's ``OptimizerCallable`` /
+  ``LRSchedulerCallable``): any optimizer / scheduler class by ``class_path`` in YAML
+  (:mod:`robustft.optim`).
+
+Subclasses implement ``forward_eval`` and ``training_losses`` and name their ``default_score``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from robustft.backbones.base import PreprocessConfig
 from robustft.checkpointing import CHECKPOINT_KEY
-from robustft.optim import build_optimizer, build_scheduler
+from robustft.optim import SGD_CIFAR, WARMUP_COSINE, build_optimizer, build_scheduler, callable_spec
 
 
 class ConfigMismatchError(ValueError):
@@ -30,7 +49,11 @@ class ConfigMismatchError(ValueError):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN/Inf; the message names the step and what to change."""
+    """The training loss became NaN/Inf; the message names the term, the step and what to change."""
+
+
+#: hyper-parameters holding an optimizer / scheduler (stored in checkpoints as class_path/init_args dicts)
+OPTIMIZATION_HPARAMS = ("optimizer", "scheduler")
 
 
 def method_path(cls: type) -> str:
@@ -52,8 +75,16 @@ class OODMethod(pl.LightningModule):
         num_classes: number of ID classes; must match the datamodule's training set.
         scores: post-hoc OOD scores to evaluate (registry names); defaults to the method's own list.
         score_kwargs: hyper-parameters per score, e.g. ``{"knn": {"k": 50}}``.
-        optimizer, lr, weight_decay, momentum: see :func:`robustft.optim.build_optimizer`.
-        scheduler: ``cosine`` (per-step, to 0) or ``none``; ``warmup_steps`` of linear warm-up.
+        optimizer: the optimizer, any class by ``class_path`` / ``init_args`` (its parameters are
+            injected); default SGD lr 0.01, momentum 0.9, weight decay 5e-4 (:data:`robustft.optim.SGD_CIFAR`).
+        scheduler: the learning-rate schedule (its optimizer is injected), or ``null`` for a constant
+            rate; default :class:`robustft.optim.WarmupCosine` (per step, cosine to 0 over the run, no
+            warm-up).
+
+    Attributes set by subclasses:
+        manual_clip_val, manual_clip_algorithm: gradient clipping applied by :meth:`manual_step`
+            under manual optimisation (``None``: no clipping; ``"norm"`` or ``"value"``). A manual
+            subclass exposes them as its own constructor arguments when users should set them.
     """
 
     #: score the method's paper reports; evaluation reports every configured score
@@ -66,28 +97,24 @@ class OODMethod(pl.LightningModule):
         num_classes: int,
         scores: list[str] | None = None,
         score_kwargs: dict[str, dict[str, Any]] | None = None,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        scheduler: str = "cosine",
-        warmup_steps: int = 0,
+        optimizer: OptimizerCallable = SGD_CIFAR,
+        scheduler: LRSchedulerCallable | None = WARMUP_COSINE,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigMismatchError(f"model.num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
-        self.score_names = list(scores) if scores else list(self.default_scores)
-        self.score_kwargs = dict(score_kwargs or {})
-        unknown = set(self.score_kwargs) - set(self.score_names)
-        if unknown:
-            raise ConfigMismatchError(
-                f"model.score_kwargs names {sorted(unknown)}, which are not in model.scores {self.score_names}"
-            )
+        #: the optimizer / scheduler arguments as given (spec dict, class or callable)
+        self.optimizer_config: Any = optimizer
+        self.scheduler_config: Any = scheduler
+        self.manual_clip_val: float | None = None
+        self.manual_clip_algorithm: str = "norm"
+        self.score_names: list[str] = []
+        self.score_kwargs: dict[str, dict[str, Any]] = {}
         self._scores: dict | None = None
         #: ``{"epoch", "global_step"}`` of the checkpoint these weights were loaded from (None: not loaded)
         self.loaded_checkpoint: dict[str, int | None] | None = None
-        self._validate_score_names()
+        self.configure_scores(list(scores) if scores else list(self.default_scores), dict(score_kwargs or {}))
 
     # ------------------------------------------------------------------ contract for subclasses
     @property
@@ -99,7 +126,10 @@ class OODMethod(pl.LightningModule):
         """One forward pass; returns at least ``logits`` [B, K] (for ID accuracy)."""
         raise NotImplementedError
 
-    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def training_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The named scalar loss terms of one training batch, e.g. ``{"ce": ...}`` or
+        ``{"contrastive": ..., "alignment": λ·R}``. The optimised loss is their sum: weight each term
+        here. ``loss`` is reserved for the total."""
         raise NotImplementedError
 
     def output_keys(self) -> set[str]:
@@ -110,11 +140,39 @@ class OODMethod(pl.LightningModule):
         """The final linear layer ``(W [K, D], b [K])`` for ViM/ReAct/ASH, if the method has one."""
         return None
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: dicts with ``params`` and optionally ``name``, ``lr_mult``
+        and ``wd_mult`` (multipliers of the configured optimizer's ``lr`` and ``weight_decay``, default 1).
+        Parameters with ``requires_grad=False`` are dropped (and so are groups left empty); every
+        trainable parameter must be in exactly one group. Default: one group of every trainable parameter."""
+        return [{"name": "all", "params": self.trainable_parameters()}]
+
     # ------------------------------------------------------------------ OOD scores
-    def _validate_score_names(self) -> None:
+    def configure_scores(
+        self, scores: list[str] | None = None, score_kwargs: dict[str, dict] | None = None
+    ) -> None:
+        """Re-configure which scores are computed (``scores``) and/or their hyper-parameters
+        (``score_kwargs``, replacing the previous ones); ``None`` keeps that part. Names are validated
+        against the score registry; the scores are rebuilt (and must be re-fitted) on next use."""
+        names = list(self.score_names if scores is None else scores)
+        kwargs = {k: dict(v) for k, v in (self.score_kwargs if score_kwargs is None else score_kwargs).items()}
+        if not names:
+            raise ConfigMismatchError("model.scores is empty; list at least one score or leave it unset")
+        self._validate_score_names(names)
+        unknown = set(kwargs) - set(names)
+        if unknown:
+            raise ConfigMismatchError(
+                f"model.score_kwargs names {sorted(unknown)}, which are not in model.scores {names}"
+            )
+        self.score_names = names
+        self.score_kwargs = kwargs
+        self._scores = None
+
+    @staticmethod
+    def _validate_score_names(names: list[str]) -> None:
         from robustft.ood.scores import SCORES
 
-        for name in self.score_names:
+        for name in names:
             try:
                 SCORES.get(name)
             except KeyError as exc:
@@ -164,17 +222,166 @@ class OODMethod(pl.LightningModule):
                 f"classes; set model.init_args.num_classes: {data_classes}"
             )
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
-                "lower model.lr, check the input normalisation, or enable gradient clipping "
-                "(trainer.gradient_clip_val)"
-            )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
-        return loss
+    # ------------------------------------------------------------------ training
+    @staticmethod
+    def total_loss(losses: Mapping[str, Tensor]) -> Tensor:
+        """The optimised loss: the sum of the terms."""
+        if not losses:
+            raise ValueError("training_losses() returned no loss term")
+        total: Tensor | None = None
+        for value in losses.values():
+            total = value if total is None else total + value
+        assert total is not None
+        return total
 
+    @staticmethod
+    def _batch_size(batch: Any) -> int | None:
+        """Samples of the labelled stream (``batch["labeled"]`` when an unlabelled stream rides along)."""
+        if isinstance(batch, Mapping) and isinstance(batch.get("labeled"), Mapping):
+            batch = batch["labeled"]
+        if isinstance(batch, Mapping):
+            for key in ("label", "image"):
+                value = batch.get(key)
+                if isinstance(value, Tensor) and value.ndim > 0:
+                    return len(value)
+        return None
+
+    def checked_total_loss(self, losses: Mapping[str, Tensor], batch_size: int | None = None) -> Tensor:
+        """Sum the terms, refuse a NaN/Inf loss naming the term, and log ``train/<term>`` and
+        ``train/loss``. Used by the automatic step and by :meth:`manual_step`."""
+        for name, value in losses.items():
+            if name == "loss":
+                raise ValueError(f"{type(self).__name__}.training_losses(): 'loss' is reserved for the total; rename it")
+            if not isinstance(value, Tensor) or value.ndim != 0:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{type(self).__name__}.training_losses()['{name}'] must be a scalar tensor, got {shape}")
+        total = self.total_loss(losses)
+        if not bool(torch.isfinite(total)):  # one device sync per step; the terms are inspected only on failure
+            bad = [(name, v.item()) for name, v in losses.items() if not bool(torch.isfinite(v))]
+            what = ", ".join(f"term '{name}' is {value}" for name, value in bad) or (
+                f"the total of the terms {sorted(losses)} is {total.item()}"
+            )
+            raise NonFiniteLossError(
+                f"training loss {what} at global step {self.global_step} (epoch {self.current_epoch}); "
+                "lower the learning rate (model.init_args.optimizer.init_args.lr), check the input "
+                "normalisation, or clip gradients (trainer.gradient_clip_val; under manual optimisation the "
+                "method's manual_clip_val)"
+            )
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        return total
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Automatic optimisation: return the checked total for Lightning to back-propagate. Manual
+        optimisation: one :meth:`manual_step` on the batch's losses (override to step more often)."""
+        if not self.automatic_optimization:
+            return self.manual_step(self.training_losses(batch), batch_size=self._batch_size(batch))
+        return self.checked_total_loss(self.training_losses(batch), self._batch_size(batch))
+
+    def manual_step(self, losses: Mapping[str, Tensor], batch_size: int | None = None) -> Tensor:
+        """One optimizer step on ``losses`` under manual optimisation (``automatic_optimization = False``).
+
+        Logs the terms and the total, refuses NaN/Inf (naming the term), back-propagates through
+        ``manual_backward`` (so the precision plugin scales and unscales), clips the gradients to
+        ``manual_clip_val`` with ``manual_clip_algorithm`` (in :meth:`on_before_optimizer_step`, after
+        AMP's unscaling), steps and zeroes the optimizer, and steps a per-step scheduler. Returns the
+        detached total."""
+        if self.automatic_optimization:
+            raise RuntimeError(
+                f"{type(self).__name__}.manual_step needs automatic_optimization = False; with automatic "
+                "optimisation return the losses from training_losses() and let Lightning step"
+            )
+        total = self.checked_total_loss(losses, batch_size)
+        optimizer = self.optimizers()
+        if isinstance(optimizer, list):
+            raise RuntimeError("manual_step drives exactly one optimizer; configure_optimizers returned several")
+        self.manual_backward(total)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self._scheduler_interval() == "step":
+            scheduler.step()
+        return total.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Manual optimisation: clip to ``manual_clip_val`` here, where AMP has already unscaled the
+        gradients (Lightning clips ``trainer.gradient_clip_val`` itself under automatic optimisation).
+        Subclasses overriding this hook call ``super().on_before_optimizer_step(optimizer)``."""
+        if not self.automatic_optimization and self.manual_clip_val is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.manual_clip_val, gradient_clip_algorithm=self.manual_clip_algorithm
+            )
+
+    def on_train_epoch_end(self) -> None:
+        """Manual optimisation: step a per-epoch scheduler (Lightning does so under automatic optimisation)."""
+        if not self.automatic_optimization and self._scheduler_interval() == "epoch":
+            scheduler = self.lr_schedulers()
+            if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step()
+
+    def _scheduler_interval(self) -> str:
+        configs = self.trainer.lr_scheduler_configs if self._trainer is not None else []
+        return configs[0].interval if configs else "step"
+
+    # ------------------------------------------------------------------ optimizers
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """:meth:`param_groups` checked: frozen parameters and empty groups dropped, every trainable
+        parameter in exactly one group, ``lr`` / ``weight_decay`` given only as multipliers."""
+        groups = []
+        seen: set[int] = set()
+        for i, group in enumerate(self.param_groups()):
+            name = group.get("name", str(i))
+            fixed = {"lr", "weight_decay"} & set(group)
+            if fixed:
+                raise ValueError(
+                    f"{type(self).__name__}.param_groups() group '{name}' sets {sorted(fixed)}; give lr_mult / "
+                    "wd_mult (multipliers of the configured optimizer's values) instead"
+                )
+            params = [p for p in group["params"] if p.requires_grad]
+            if any(id(p) in seen for p in params):
+                raise ValueError(f"{type(self).__name__}.param_groups(): a parameter of group '{name}' is in another group too")
+            seen.update(id(p) for p in params)
+            if params:
+                groups.append({**group, "name": name, "params": params})
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in seen]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.param_groups() leaves out trainable parameters {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}; add them to a group or set requires_grad=False"
+            )
+        return groups
+
+    def total_training_steps(self) -> int:
+        """Scheduler steps of the whole run, handed to a scheduler whose ``total_steps`` is ``None``: the
+        trainer's estimated optimizer steps. A manual subclass stepping k times per batch returns k times that."""
+        return int(self.trainer.estimated_stepping_batches)
+
+    def configure_optimizers(self) -> Any:
+        """Build ``optimizer`` over :meth:`param_groups` (each group's ``lr`` and ``weight_decay`` = the
+        configured value times its ``lr_mult`` / ``wd_mult``), then ``scheduler`` (``total_steps`` filled
+        in from :meth:`total_training_steps`), stepped per step or per epoch as its ``interval`` says."""
+        optimizer = build_optimizer(self.optimizer_param_groups(), self.optimizer_config)
+        base_lr = optimizer.defaults.get("lr")
+        base_wd = optimizer.defaults.get("weight_decay")
+        for group in optimizer.param_groups:
+            if base_lr is not None:
+                group["lr"] = base_lr * float(group.get("lr_mult", 1.0))
+            if base_wd is not None:
+                group["weight_decay"] = base_wd * float(group.get("wd_mult", 1.0))
+        total = self.total_training_steps() if self._trainer is not None else None
+        scheduler = build_scheduler(optimizer, self.scheduler_config, total)
+        if scheduler is None:
+            return optimizer
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": getattr(scheduler, "interval", "epoch")}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------ evaluation steps
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
         logits = self.forward_eval(batch)["logits"]
         labels = batch["label"]
@@ -189,27 +396,47 @@ class OODMethod(pl.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def on_predict_start(self) -> None:
+        """Fit the scores that need ID training statistics (KNN, MDS, ViM, ...) on the datamodule's
+        reference set, exactly as ``evaluate`` does, before the first ``predict_step``."""
+        from robustft.evaluation.engine import collect_outputs
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        reference = None
+        if self.needs_reference():
+            if datamodule is None or not hasattr(datamodule, "reference_dataset"):
+                raise ConfigMismatchError(
+                    f"model.scores {[n for n, s in self.scores.items() if s.needs_fit]} need ID training "
+                    "statistics: run predict with an OODDataModule (data.train) or drop these scores"
+                )
+            reference = collect_outputs(
+                self, datamodule, datamodule.reference_dataset(), self.device, "ID reference (train)"
+            )
+        self.fit_reference(reference)
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         outputs = self.forward_eval(batch)
         return {"index": batch["index"], "prediction": outputs["logits"].argmax(1), **self.ood_scores(outputs)}
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = build_optimizer(
-            self.trainable_parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum
-        )
-        scheduler = build_scheduler(
-            optimizer, hp.scheduler, int(self.trainer.estimated_stepping_batches), hp.warmup_steps
-        )
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"method": method_path(type(self)), "num_classes": self.num_classes}
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            # checkpoints hold plain data (they are read with weights_only=True): an optimizer given in
+            # Python as a class or partial is stored as its class_path/init_args spec
+            for key in OPTIMIZATION_HPARAMS:
+                value = hparams.get(key)
+                if value is not None and not isinstance(value, Mapping):
+                    spec = callable_spec(value)
+                    if spec is None:
+                        rank_zero_warn(
+                            f"model.{key} {value!r} cannot be stored in the checkpoint's hyper-parameters; "
+                            "the method's default is recorded instead"
+                        )
+                        hparams.pop(key)
+                    else:
+                        hparams[key] = spec
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another method before its weights produce a wall of key errors."""

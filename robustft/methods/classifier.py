@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from robustft.backbones import create_backbone
 from robustft.backbones.base import PreprocessConfig
-from robustft.methods.base import OODMethod
+from robustft.methods.base import ConfigMismatchError, OODMethod
+from robustft.optim import SGD_CIFAR, WARMUP_COSINE
 
 
 class Classifier(OODMethod):
@@ -28,6 +30,12 @@ class Classifier(OODMethod):
         backbone_kwargs: extra constructor arguments of the backbone.
         freeze_backbone: train the head only (linear probing).
         label_smoothing: epsilon of label-smoothed cross-entropy (0 = plain cross-entropy).
+        backbone_lr_mult: learning rate of the backbone relative to the head's (the optimizer's
+            ``lr``); 1 trains both alike, e.g. 0.1 fine-tunes the backbone ten times slower.
+        scores, score_kwargs, optimizer, scheduler: see :class:`~robustft.methods.base.OODMethod`
+            (default SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine to 0 per step).
+
+    Loss terms: ``ce``.
     """
 
     default_score = "msp"
@@ -41,19 +49,22 @@ class Classifier(OODMethod):
         backbone_kwargs: dict[str, Any] | None = None,
         freeze_backbone: bool = False,
         label_smoothing: float = 0.0,
+        backbone_lr_mult: float = 1.0,
         scores: list[str] | None = None,
         score_kwargs: dict[str, dict[str, Any]] | None = None,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        scheduler: str = "cosine",
-        warmup_steps: int = 0,
+        optimizer: OptimizerCallable = SGD_CIFAR,
+        scheduler: LRSchedulerCallable | None = WARMUP_COSINE,
     ) -> None:
-        super().__init__(num_classes, scores, score_kwargs, optimizer, lr, weight_decay, momentum, scheduler, warmup_steps)
+        super().__init__(num_classes, scores, score_kwargs, optimizer, scheduler)
         self.save_hyperparameters()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not 0.0 < backbone_lr_mult < float("inf"):
+            raise ConfigMismatchError(
+                f"model.backbone_lr_mult must be a finite number > 0, got {backbone_lr_mult} "
+                "(to train the head only, set freeze_backbone: true)"
+            )
+        self.backbone_lr_mult = float(backbone_lr_mult)
         self.backbone = create_backbone(backbone, weights=backbone_weights, **(backbone_kwargs or {}))
         self.head = nn.Linear(self.backbone.feature_dim, num_classes)
         self._init_head_from_weights(getattr(self.backbone, "pretrained_head", None) or {})
@@ -95,6 +106,13 @@ class Classifier(OODMethod):
             self.backbone.eval()
         return self
 
-    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Backbone (``lr_mult = backbone_lr_mult``) and head; a frozen backbone's group is dropped."""
+        return [
+            {"name": "backbone", "params": list(self.backbone.parameters()), "lr_mult": self.backbone_lr_mult},
+            {"name": "head", "params": list(self.head.parameters())},
+        ]
+
+    def training_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         logits = self(batch["image"])
-        return F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        return {"ce": F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)}

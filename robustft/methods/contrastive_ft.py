@@ -6,7 +6,8 @@ gap between ID images and ID label texts (``robustft.losses.contrastive_loss``; 
 Each training image is paired with a caption of its class (``train_template``, or a random template
 per sample); repeated classes in a batch give duplicate captions that count as negatives, as in FLYP.
 Image tower, text tower and ``logit_scale`` are all trained (AdamW, weight decay on everything as in
-the official code). Evaluation is the zero-shot path of :class:`ZeroShotCLIP` with the fine-tuned
+the official code). The loss terms are logged apart: ``contrastive`` (the InfoNCE, FLYP's whole loss) and,
+for λ > 0, ``alignment`` = λ·R; their sum is the CMA loss. Evaluation is the zero-shot path of :class:`ZeroShotCLIP` with the fine-tuned
 encoders: MCM, GL-MCM, NegLabel (negatives mined once with the *initial* weights at ``fit`` start and
 re-encoded with the fine-tuned text tower) and the logit scores.
 
@@ -20,10 +21,12 @@ import math
 from typing import Any
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from robustft.losses import contrastive_loss
+from robustft.losses import alignment_regularizer, contrastive_loss
 from robustft.methods.zero_shot import ZeroShotCLIP
+from robustft.optim import ADAMW_CLIP, WARMUP_COSINE
 
 __all__ = ["ContrastiveFinetune"]
 
@@ -46,9 +49,12 @@ class ContrastiveFinetune(ZeroShotCLIP):
             ``"class"`` when pre-training on few classes, where a batch repeats each class many times.
         gather_distributed: under DDP compute the loss on the all-gathered global batch (with
             gradients), matching the official single-device batch of 512.
-        optimizer, lr, weight_decay, momentum, scheduler, warmup_steps: official CMA uses AdamW,
-            lr 1e-5, weight decay 0.1, cosine with 500 warm-up steps (our default: no warm-up, so
-            short runs reach the learning rate; set ``warmup_steps: 500`` to reproduce).
+        optimizer, scheduler: see :class:`~robustft.methods.base.OODMethod`. Official CMA uses AdamW,
+            lr 1e-5, weight decay 0.1, cosine with 500 warm-up steps; our default is that AdamW
+            (:data:`robustft.optim.ADAMW_CLIP`) with the cosine schedule without warm-up, so short runs
+            reach the learning rate (set ``scheduler.init_args.warmup_steps: 500`` to reproduce).
+
+    Loss terms: ``contrastive`` and, when ``lam > 0``, ``alignment`` (already weighted by λ).
     """
 
     default_score = "neglabel"
@@ -73,18 +79,16 @@ class ContrastiveFinetune(ZeroShotCLIP):
         max_logit_scale: float | None = None,
         positives: str = "pair",
         gather_distributed: bool = True,
-        optimizer: str = "adamw",
-        lr: float = 1e-5,
-        weight_decay: float = 0.1,
-        momentum: float = 0.9,
-        scheduler: str = "cosine",
-        warmup_steps: int = 0,
+        optimizer: OptimizerCallable = ADAMW_CLIP,
+        scheduler: LRSchedulerCallable | None = WARMUP_COSINE,
     ) -> None:
         super().__init__(
             clip_model, pretrained, num_classes, class_names, templates, context_length, neg_candidates,
             neg_templates, neg_eta, neg_topk, scores, score_kwargs,
         )
         self.save_hyperparameters()
+        self.optimizer_config = optimizer
+        self.scheduler_config = scheduler
         if not math.isfinite(lam) or lam < 0:
             raise ValueError(f"model.lam must be a finite non-negative weight, got {lam}")
         if train_template is not None and train_template.count("{}") != 1:
@@ -127,7 +131,7 @@ class ContrastiveFinetune(ZeroShotCLIP):
         if "neg_cosine" in self._required() and self._negatives is None:
             self.mine_negatives()
 
-    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def training_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         labels = batch["label"]
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"training labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
@@ -146,7 +150,11 @@ class ContrastiveFinetune(ZeroShotCLIP):
         if trainer is not None:
             self.log("train/logit_scale", scale.detach(), batch_size=len(labels))
         match_ids = labels if self.hparams.positives == "class" else None
-        return contrastive_loss(image, text, scale, lam=self.hparams.lam, match_ids=match_ids)
+        losses = {"contrastive": contrastive_loss(image, text, scale, lam=0.0, match_ids=match_ids)}
+        lam = float(self.hparams.lam)
+        if lam > 0:
+            losses["alignment"] = lam * alignment_regularizer(image, text, scale)
+        return losses
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         limit = self.hparams.max_logit_scale

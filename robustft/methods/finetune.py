@@ -22,8 +22,9 @@ same training step, same evaluation contract) with what the weight-averaging met
 
 WiSE-FT / BANG are then ``python -m robustft average`` (or the ``WeightAveraging`` callback) over
 θ0 = the model as configured (or a saved zero-shot checkpoint) and θ1 = the fine-tuned checkpoint.
-Set the paper's recipe in the config (AdamW, lr 3e-5, weight decay 0.1, cosine, 500 warm-up steps,
-``trainer.gradient_clip_val: 1.0``); the constructor defaults are the Classifier's.
+Set the paper's recipe in the config (``optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 3.0e-5,
+weight_decay: 0.1}}``, ``scheduler: {class_path: robustft.optim.WarmupCosine, init_args: {warmup_steps:
+500}}``, ``trainer.gradient_clip_val: 1.0``); the constructor defaults are the Classifier's.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from robustft.losses import mixup, smooth_labels, soft_cross_entropy
 from robustft.methods.base import ConfigMismatchError
 from robustft.methods.classifier import Classifier
+from robustft.optim import SGD_CIFAR, WARMUP_COSINE
 
 __all__ = ["Finetune", "resolve_class_names", "resolve_templates"]
 
@@ -113,8 +116,10 @@ class Finetune(Classifier):
             ``simple_imagenet``.
         normalize_features: L2-normalise features before the head; ``None`` = on for CLIP backbones
             (WiSE-FT), off otherwise.
-        scores, score_kwargs, optimizer, lr, weight_decay, momentum, scheduler, warmup_steps: see
-            :class:`~robustft.methods.base.OODMethod`.
+        backbone_lr_mult: the backbone's learning rate relative to the head's (parameter groups).
+        scores, score_kwargs, optimizer, scheduler: see :class:`~robustft.methods.base.OODMethod`.
+
+    Loss terms: ``ce`` (cross-entropy against the smoothed and, with Mixup, mixed targets).
     """
 
     default_score = "msp"
@@ -135,18 +140,15 @@ class Finetune(Classifier):
         class_names: list[str] | str | None = None,
         templates: list[str] | str | None = None,
         normalize_features: bool | None = None,
+        backbone_lr_mult: float = 1.0,
         scores: list[str] | None = None,
         score_kwargs: dict[str, dict[str, Any]] | None = None,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        scheduler: str = "cosine",
-        warmup_steps: int = 0,
+        optimizer: OptimizerCallable = SGD_CIFAR,
+        scheduler: LRSchedulerCallable | None = WARMUP_COSINE,
     ) -> None:
         super().__init__(
             num_classes, backbone, backbone_weights, backbone_kwargs, freeze_backbone, label_smoothing,
-            scores, score_kwargs, optimizer, lr, weight_decay, momentum, scheduler, warmup_steps,
+            backbone_lr_mult, scores, score_kwargs, optimizer, scheduler,
         )
         self.save_hyperparameters()
         if not (mixup_alpha >= 0.0 and mixup_alpha < float("inf")):
@@ -189,15 +191,15 @@ class Finetune(Classifier):
         return {"logits": self.head(features), "features": features}
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def training_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Cross-entropy (label-smoothed) without Mixup; soft-target CE on mixed batches with it."""
         alpha = float(self.hparams.mixup_alpha)
         if alpha <= 0.0:
-            return super().training_loss(batch)
+            return super().training_losses(batch)
         images, labels = batch["image"], batch["label"]
         targets = smooth_labels(labels, self.num_classes, float(self.hparams.label_smoothing), dtype=torch.float32)
         images, targets, lam = mixup(images, targets.to(images.device), alpha)
         if self._trainer is not None:
             self.log("train/mixup_lambda", lam, batch_size=len(labels))
         logits = self(images)
-        return soft_cross_entropy(logits.float(), targets)
+        return {"ce": soft_cross_entropy(logits.float(), targets)}

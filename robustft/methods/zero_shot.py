@@ -261,7 +261,7 @@ class ZeroShotCLIP(OODMethod):
             "instead, or fine-tune with robustft.methods.ContrastiveFinetune (FLYP / CMA)."
         )
 
-    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def training_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         raise RuntimeError(self._nothing_to_fit())
 
     # ------------------------------------------------------------------ checkpoints

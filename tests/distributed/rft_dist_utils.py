@@ -133,7 +133,10 @@ def tiny_config(
                 "backbone": "cifar_resnet20",
                 "backbone_weights": "data/weights/resnet20-12fca82f.th",
                 "scores": list(scores),
-                "lr": 0.01,
+                "optimizer": {
+                    "class_path": "torch.optim.SGD",
+                    "init_args": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5.0e-4},
+                },
             },
         },
         "data": {

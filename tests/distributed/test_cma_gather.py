@@ -55,12 +55,12 @@ def _worker(rank: int, world_size: int, port: int, out: str, gather: bool) -> No
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         model = _model(gather)
-        # the two things training_loss needs from a Trainer: its world size and the DDP all_gather
+        # the two things training_losses needs from a Trainer: its world size and the DDP all_gather
         model._trainer = SimpleNamespace(world_size=world_size, strategy=DDPStrategy())
         batch = _batch()
         half = BATCH // world_size
         local = {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
-        loss = model.training_loss(local)
+        loss = ContrastiveFinetune.total_loss(model.training_losses(local))
         loss.backward()
         grads = _grads(model)
         for grad in grads.values():  # what DDP's reducer does: mean over ranks
@@ -79,7 +79,7 @@ def _run_ddp(tmp_path: Path, gather: bool) -> list[dict]:
 
 def test_gathered_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
     reference = _model()
-    loss = reference.training_loss(_batch())
+    loss = ContrastiveFinetune.total_loss(reference.training_losses(_batch()))
     loss.backward()
     expected = _grads(reference)
     assert any(n.startswith("backbone.model.visual") for n in expected)  # both towers train
@@ -95,7 +95,7 @@ def test_gathered_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_p
 
 def test_without_gathering_each_rank_sees_only_its_local_negatives(tmp_path: Path) -> None:
     """The control: gather_distributed false gives a different (local, smaller-batch) loss per rank."""
-    full = _model().training_loss(_batch()).detach()
+    full = ContrastiveFinetune.total_loss(_model().training_losses(_batch())).detach()
     ranks = _run_ddp(tmp_path, gather=False)
     assert not torch.allclose(ranks[0]["loss"], ranks[1]["loss"])
     for result in ranks:

@@ -16,6 +16,12 @@ from robustft.data import DatasetSpec, OODDataModule, load_dataset
 from robustft.methods import Classifier, ConfigMismatchError, OODMethod
 from robustft.optim import build_optimizer
 
+SGD = "torch.optim.SGD"
+
+
+def total_loss(model: OODMethod, batch: dict[str, Tensor]) -> Tensor:
+    return OODMethod.total_loss(model.training_losses(batch))
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
 JPEG_5K = str(DATA / "cifar10" / "cifar10_train_5k_jpeg.npz")
@@ -102,7 +108,7 @@ def test_freeze_backbone_trains_the_head_only(real_batch: dict) -> None:
     assert model.training and model.head.training
     assert not model.backbone.training  # BatchNorm of a frozen backbone stays in eval mode
     before = _bn_state(model.backbone)
-    loss = model.training_loss(real_batch)
+    loss = total_loss(model, real_batch)
     loss.backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert model.head.weight.grad is not None and model.head.bias.grad is not None
@@ -113,7 +119,7 @@ def test_freeze_backbone_trains_the_head_only(real_batch: dict) -> None:
     trainable = model.trainable_parameters()
     assert len(trainable) == 2
     assert {id(p) for p in trainable} == {id(model.head.weight), id(model.head.bias)}
-    optimizer = build_optimizer(trainable, "sgd", 0.1, 0.0, 0.0)
+    optimizer = build_optimizer(trainable, {"class_path": SGD, "init_args": {"lr": 0.1, "momentum": 0.0}})
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == 64 * 10 + 10
 
 
@@ -122,7 +128,7 @@ def test_unfrozen_backbone_updates_batchnorm(real_batch: dict) -> None:
     torch.manual_seed(0)
     model = Classifier(num_classes=10).train()
     before = _bn_state(model.backbone)
-    model.training_loss(real_batch).backward()
+    total_loss(model, real_batch).backward()
     after = _bn_state(model.backbone)
     assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])
     assert all(p.grad is not None for p in model.backbone.parameters())
@@ -134,7 +140,7 @@ def test_label_smoothing_is_passed_to_the_loss(real_batch: dict, monkeypatch: py
     model = Classifier(num_classes=10, label_smoothing=0.2).eval()
     with torch.no_grad():
         logits = model(real_batch["image"])
-        loss = model.training_loss(real_batch)
+        loss = total_loss(model, real_batch)
     labels = real_batch["label"]
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
     assert not torch.allclose(loss, F.cross_entropy(logits, labels))
@@ -148,7 +154,7 @@ def test_label_smoothing_is_passed_to_the_loss(real_batch: dict, monkeypatch: py
 
     monkeypatch.setattr(F, "cross_entropy", spy)
     with torch.no_grad():
-        model.training_loss(real_batch)
+        total_loss(model, real_batch)
     assert seen == [0.2]
 
 
@@ -161,7 +167,7 @@ def test_label_smoothing_range(value: float) -> None:
 # ------------------------------------------------------------------------------------ Lightning
 def test_short_fit_logs_training_loss() -> None:
     torch.manual_seed(0)
-    model = Classifier(num_classes=10, scheduler="none")
+    model = Classifier(num_classes=10, scheduler=None)
     fit = trainer()
     fit.fit(model, datamodule=small_datamodule())
     assert "train/loss" in fit.callback_metrics and torch.isfinite(fit.callback_metrics["train/loss"])
@@ -179,21 +185,24 @@ def test_class_count_mismatch_is_refused_in_setup() -> None:
 
 def test_nan_loss_names_the_global_step(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    model = Classifier(num_classes=10, scheduler="none")
-    real_loss = model.training_loss
+    model = Classifier(num_classes=10, scheduler=None)
+    real_losses = model.training_losses
     calls = []
 
-    def loss_turning_nan(batch: dict) -> Tensor:
+    def loss_turning_nan(batch: dict) -> dict[str, Tensor]:
         calls.append(1)
-        loss = real_loss(batch)
-        return loss * float("nan") if len(calls) == 3 else loss
+        losses = real_losses(batch)
+        losses["extra"] = losses["ce"].detach() * (float("nan") if len(calls) == 3 else 0.0)
+        return losses
 
-    monkeypatch.setattr(model, "training_loss", loss_turning_nan)
+    monkeypatch.setattr(model, "training_losses", loss_turning_nan)
     with pytest.raises(FloatingPointError, match=r"at global step 2 \(epoch 0\)") as info:
         trainer(fast_dev_run=False, max_steps=5, limit_val_batches=0).fit(
             model, datamodule=small_datamodule()
         )
-    assert "model.lr" in str(info.value)
+    message = str(info.value)
+    assert "term 'extra' is nan" in message and "'ce'" not in message, message
+    assert "model.init_args.optimizer.init_args.lr" in message
 
 
 # ------------------------------------------------------------------------------------ scores config
@@ -229,8 +238,8 @@ class LogitsOnly(OODMethod):
     def forward_eval(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"logits": self.linear(batch["image"].flatten(1))}
 
-    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(self.forward_eval(batch)["logits"], batch["label"])
+    def training_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"ce": F.cross_entropy(self.forward_eval(batch)["logits"], batch["label"])}
 
 
 def test_feature_score_on_a_logits_only_method_is_refused() -> None:
@@ -281,13 +290,16 @@ def test_training_lowers_the_loss_on_real_cifar10(one_thread) -> None:
     x, y = data["image"].contiguous(memory_format=torch.channels_last), data["label"]
     torch.manual_seed(0)
     model = Classifier(num_classes=10).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.trainable_parameters(), "sgd", lr=0.02, weight_decay=5e-4, momentum=0.9)
+    optimizer = build_optimizer(
+        model.trainable_parameters(),
+        {"class_path": SGD, "init_args": {"lr": 0.02, "weight_decay": 5e-4, "momentum": 0.9}},
+    )
 
     def mean_loss() -> float:
         model.train()
         with torch.no_grad():
             total = sum(
-                model.training_loss({"image": x[s : s + 256], "label": y[s : s + 256]}).item() * 256
+                total_loss(model, {"image": x[s : s + 256], "label": y[s : s + 256]}).item() * 256
                 for s in (0, 256)
             )
         return total / 512
@@ -300,7 +312,7 @@ def test_training_lowers_the_loss_on_real_cifar10(one_thread) -> None:
         if start == 0 and step:
             order = torch.randperm(512, generator=generator)
         idx = order[start : start + 32]
-        loss = model.training_loss({"image": x[idx], "label": y[idx]})
+        loss = total_loss(model, {"image": x[idx], "label": y[idx]})
         assert torch.isfinite(loss)
         optimizer.zero_grad()
         loss.backward()

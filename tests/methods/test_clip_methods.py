@@ -271,7 +271,9 @@ def test_bundled_candidate_list() -> None:
 def test_gradients_reach_both_towers_and_logit_scale() -> None:
     model = micro_cma(lam=0.001)
     labels = torch.tensor([0, 0, 3, 3, 3, 7])  # duplicate classes are fine (FLYP)
-    loss = model.training_loss({"image": _images(6), "label": labels})
+    losses = model.training_losses({"image": _images(6), "label": labels})
+    assert set(losses) == {"contrastive", "alignment"}
+    loss = ContrastiveFinetune.total_loss(losses)
     assert torch.isfinite(loss)
     loss.backward()
     clip = model.backbone.model
@@ -288,7 +290,9 @@ def test_gradients_reach_both_towers_and_logit_scale() -> None:
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.001, 0.3])
-def test_lam_is_passed_to_the_contrastive_loss(monkeypatch: pytest.MonkeyPatch, lam: float) -> None:
+def test_contrastive_and_alignment_terms_sum_to_the_cma_loss(monkeypatch: pytest.MonkeyPatch, lam: float) -> None:
+    """The InfoNCE is computed with λ = 0 (FLYP) and the alignment term is λ·R apart, so each is logged;
+    their sum is the CMA loss with λ."""
     seen = {}
 
     def spy(image, text, scale, lam, match_ids=None):
@@ -298,8 +302,14 @@ def test_lam_is_passed_to_the_contrastive_loss(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(contrastive_ft_module, "contrastive_loss", spy)
     model = micro_cma(lam=lam)
     labels = torch.tensor([1, 4, 4, 9])
-    loss = model.training_loss({"image": _images(4), "label": labels})
-    assert seen["lam"] == lam and seen["match_ids"] is None  # FLYP/CMA pairs: positives on the diagonal
+    losses = model.training_losses({"image": _images(4), "label": labels})
+    assert set(losses) == ({"contrastive", "alignment"} if lam > 0 else {"contrastive"})
+    loss = ContrastiveFinetune.total_loss(losses)
+    assert seen["lam"] == 0.0 and seen["match_ids"] is None  # FLYP/CMA pairs: positives on the diagonal
+    cma = contrastive_loss(seen["image"], seen["text"], seen["scale"], lam)
+    torch.testing.assert_close(loss, cma, rtol=0, atol=1e-5)
+    if lam > 0:
+        assert not torch.allclose(losses["contrastive"], cma, rtol=0, atol=1e-7)
     assert torch.allclose(seen["scale"], model.backbone.model.logit_scale.exp())
     # the captions are the class prompts of each sample
     with torch.no_grad():
@@ -319,7 +329,7 @@ def test_class_positives_pass_the_labels_as_match_ids(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(contrastive_ft_module, "contrastive_loss", spy)
     labels = torch.tensor([1, 4, 4, 9])
-    micro_cma(positives="class").training_loss({"image": _images(4), "label": labels})
+    micro_cma(positives="class").training_losses({"image": _images(4), "label": labels})
     assert torch.equal(seen["match_ids"], labels)
     with pytest.raises(ValueError, match="positives"):
         micro_cma(positives="classes")
@@ -338,11 +348,11 @@ def test_random_caption_templates() -> None:
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_optimizer_step_refreshes_cached_text_features(foreach: bool) -> None:
-    model = micro_cma(lam=0.001, lr=1e-3)
+    model = micro_cma(lam=0.001)
     before = model.class_text_features().clone()
     assert model.class_text_features() is model.class_text_features()  # cached
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=foreach)
-    model.training_loss({"image": _images(8), "label": torch.arange(8)}).backward()
+    ContrastiveFinetune.total_loss(model.training_losses({"image": _images(8), "label": torch.arange(8)})).backward()
     optimizer.step()  # no explicit invalidation: the parameter version change empties the cache
     after = model.class_text_features()
     assert not torch.allclose(before, after)
@@ -356,7 +366,7 @@ def test_optimizer_step_refreshes_cached_text_features(foreach: bool) -> None:
 def test_zero_shot_has_nothing_to_fit() -> None:
     model = micro_zero_shot(scores=["mcm"])
     with pytest.raises(RuntimeError, match="nothing to fit"):
-        model.training_loss({"image": _images(2), "label": torch.tensor([0, 1])})
+        model.training_losses({"image": _images(2), "label": torch.tensor([0, 1])})
     with pytest.raises(RuntimeError, match="nothing to fit.*ContrastiveFinetune"):
         model.setup("fit")
 
