@@ -3,6 +3,18 @@
 ID train / val / test plus named OOD sets grouped (``near``, ``far``, ...) and optional OOD
 *validation* sets for hyper-parameter tuning. Transforms come from the model's backbone, so the same
 YAML data block works for a CIFAR ResNet and a CLIP ViT.
+
+Training batch layouts (evaluation batches are always ``{"image": [B, C, H, W], "label": [B], "index": [B]}``):
+
+- default (``n_views: 1``, no ``unlabeled``): ``{"image": [B, C, H, W], "label": [B], "index": [B]}``,
+  exactly as before these options existed, plus ``"text"`` (a list of B strings) when the training
+  source has captions (npz ``texts``; see :mod:`robustft.data.captions` for template captions);
+- ``n_views: V`` > 1: ``"image"`` is ``[B, V, C, H, W]``, V independent draws of the training transform
+  on the same image (``image[:, v]`` is view v; PALM's view-major ``[V*B, ...]`` stack is
+  ``image.transpose(0, 1).flatten(0, 1)``); ``label`` and ``index`` stay ``[B]``;
+- with ``unlabeled``: ``{"labeled": <the batch above>, "unlabeled": {"image": [Bu, C, H, W] (or
+  [Bu, V, C, H, W]), "true_label": [Bu], "index": [Bu], "source": [Bu]}}`` from a ``CombinedLoader`` in
+  ``min_size`` mode (:mod:`robustft.data.unlabeled` says why); ``true_label`` is for diagnostics only.
 """
 
 from __future__ import annotations
@@ -12,11 +24,14 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from robustft.backbones.base import PreprocessConfig
+from robustft.data.fewshot import few_shot_indices, split_after_shots
 from robustft.data.sources import DataConfigError, DatasetSpec, LabeledImages, load_dataset
-from robustft.data.transforms import AUGMENTATIONS, eval_transform, train_transform
+from robustft.data.transforms import TRAIN_TRANSFORMS, apply_views, eval_transform, train_transform
+from robustft.data.unlabeled import UnlabeledImages, UnlabeledLoader, UnlabeledStream
 from robustft.ood.report import GROUP_ROW_SET
 
 DEFAULT_PREPROCESS = PreprocessConfig(image_size=32)
@@ -26,13 +41,17 @@ class IndexedDataset(Dataset):
     """Applies a transform and returns dict samples with the sample's index.
 
     The index travels with every sample so that distributed evaluation can put gathered outputs back
-    in order and count each sample exactly once.
+    in order and count each sample exactly once. With ``n_views`` = V > 1 the ``image`` is the
+    ``[V, C, H, W]`` stack of V independent draws of ``transform``; a source with captions adds ``text``.
     """
 
-    def __init__(self, images: LabeledImages, transform: Callable, indices: np.ndarray | None = None) -> None:
+    def __init__(
+        self, images: LabeledImages, transform: Callable, indices: np.ndarray | None = None, n_views: int = 1
+    ) -> None:
         self.images = images
         self.transform = transform
         self.indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+        self.n_views = n_views
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -42,8 +61,13 @@ class IndexedDataset(Dataset):
         return self.images.labels[self.indices]
 
     def __getitem__(self, position: int) -> dict:
-        image, label = self.images[int(self.indices[position])]
-        return {"image": self.transform(image), "label": label, "index": position}
+        source_index = int(self.indices[position])
+        image, label = self.images[source_index]
+        sample = {"image": apply_views(self.transform, image, self.n_views), "label": label, "index": position}
+        texts = getattr(self.images, "texts", None)
+        if texts is not None:
+            sample["text"] = texts[source_index]
+        return sample
 
 
 class CachedDataset(Dataset):
@@ -103,6 +127,21 @@ def sample_eval_set(dataset: Dataset, max_samples: int | None, seed: int = 0) ->
     return SampledDataset(dataset, max_samples, seed)
 
 
+def _unlabeled_specs(unlabeled: dict[str, DatasetSpec] | list[DatasetSpec] | None) -> dict[str, DatasetSpec]:
+    """``data.unlabeled`` as ``{name: spec}``: a list gets the names ``0``, ``1``, ..."""
+    if unlabeled is None:
+        return {}
+    if isinstance(unlabeled, dict) and not {"source", "path"} <= set(unlabeled):
+        return {str(name): spec for name, spec in unlabeled.items()}
+    if isinstance(unlabeled, (DatasetSpec, dict)):  # a single spec
+        return {"0": unlabeled}
+    if isinstance(unlabeled, (list, tuple)):
+        return {str(i): spec for i, spec in enumerate(unlabeled)}
+    raise DataConfigError(
+        f"data.unlabeled: give {{name: dataset spec}} or a list of dataset specs, got {type(unlabeled).__name__}"
+    )
+
+
 def _spec_path(spec: DatasetSpec | dict) -> str:
     """The ``path`` of a spec given as a :class:`DatasetSpec` or as a plain dict."""
     return str(spec.path if isinstance(spec, DatasetSpec) else spec.get("path"))
@@ -153,11 +192,26 @@ class OODDataModule(pl.LightningDataModule):
         batch_size: training batch size (per process).
         eval_batch_size: batch size of evaluation loaders (defaults to ``batch_size``).
         num_workers: DataLoader workers.
-        augmentation: ``crop_flip`` (CIFAR), ``random_resized_crop`` (CLIP fine-tuning) or ``none``.
-        preprocess: overrides the backbone's preprocessing (size/mean/std); normally left unset.
-        seed: seed of the validation split.
+        augmentation: name of the training transform in ``robustft.data.transforms.TRAIN_TRANSFORMS``:
+            ``crop_flip`` (CIFAR), ``random_resized_crop`` (CLIP fine-tuning), ``simclr`` (PALM / LOOK:
+            crop 0.2-1, flip, colour jitter, grayscale) or ``none``.
+        preprocess: how images are prepared (size/mean/std): the model's preprocessing, passed in.
+            ``python -m robustft`` passes ``model.preprocess`` itself; in Python give
+            ``preprocess=model.preprocess`` (or call :meth:`set_preprocess`). Unset: CIFAR 32x32.
+        seed: seed of the validation split and of the training shuffle.
         eval_cache_mb: memory budget for keeping evaluation sets (ID test, OOD, reference) as
             pre-transformed tensors across epochs; sets that do not fit are transformed on the fly.
+        n_views: V independently augmented views of every training image (PALM / LOOK 2, Local-Prompt
+            16); V > 1 makes the training ``image`` ``[B, V, C, H, W]`` (module docstring). Evaluation
+            is unchanged.
+        shots_per_class: train on K images per class only (few-shot), chosen from ``train`` by
+            ``shots_seed`` alone (:mod:`robustft.data.fewshot`); the validation split carved from
+            ``train`` is drawn from the other images. ``None``: the whole training set.
+        shots_seed: seed of the few-shot choice (default: ``seed``).
+        unlabeled: unlabelled training sets, ``{name: spec}`` or a list of specs (any source; their labels
+            are kept as ``true_label`` for diagnostics only), delivered next to the labelled stream
+            (module docstring; :mod:`robustft.data.unlabeled`). They get the training transform and ``n_views``.
+        unlabeled_batch_size: batch size of the unlabelled stream (per process; default ``batch_size``).
     """
 
     def __init__(
@@ -175,10 +229,27 @@ class OODDataModule(pl.LightningDataModule):
         preprocess: PreprocessConfig | None = None,
         seed: int = 0,
         eval_cache_mb: int = 1024,
+        n_views: int = 1,
+        shots_per_class: int | None = None,
+        shots_seed: int | None = None,
+        unlabeled: dict[str, DatasetSpec] | list[DatasetSpec] | None = None,
+        unlabeled_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if augmentation not in AUGMENTATIONS:
-            raise DataConfigError(f"data.augmentation: unknown '{augmentation}'; choose one of {', '.join(AUGMENTATIONS)}")
+        try:
+            TRAIN_TRANSFORMS.get(augmentation)
+        except KeyError as exc:
+            raise DataConfigError(f"data.augmentation: {exc}") from None
+        if n_views < 1:
+            raise DataConfigError(f"data.n_views: must be >= 1 (views per training image), got {n_views}")
+        if shots_per_class is not None and shots_per_class < 1:
+            raise DataConfigError(
+                f"data.shots_per_class: must be >= 1 (images per class), or null for the whole set; got {shots_per_class}"
+            )
+        if unlabeled_batch_size is not None and unlabeled_batch_size < 1:
+            raise DataConfigError(
+                f"data.unlabeled_batch_size: must be >= 1, or null to use data.batch_size; got {unlabeled_batch_size}"
+            )
         if not 0.0 <= val_fraction < 1.0:
             raise DataConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
@@ -204,9 +275,14 @@ class OODDataModule(pl.LightningDataModule):
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.augmentation = augmentation
-        self.preprocess_override = preprocess
+        self.preprocess = preprocess
         self.seed = seed
         self.eval_cache_mb = eval_cache_mb
+        self.n_views = n_views
+        self.shots_per_class = shots_per_class
+        self.shots_seed = seed if shots_seed is None else shots_seed
+        self.unlabeled_specs = _unlabeled_specs(unlabeled)
+        self.unlabeled_batch_size = batch_size if unlabeled_batch_size is None else unlabeled_batch_size
         self._cache: dict[tuple, CachedDataset] = {}
         self._loaded: dict[str, LabeledImages] = {}
         self._train_indices: np.ndarray | None = None
@@ -237,6 +313,15 @@ class OODDataModule(pl.LightningDataModule):
 
     def _split_train_val(self) -> None:
         n = len(self.train_images)
+        if self.shots_per_class is not None:
+            shots = few_shot_indices(
+                self.train_images.labels, self.shots_per_class, self.shots_seed, self.class_names,
+                f"data.train ('{_spec_path(self.specs['train'])}')",
+            )
+            carve = self.specs["val"] is None and self.val_fraction > 0
+            self._train_indices = shots
+            self._val_indices = split_after_shots(n, shots, self.val_fraction if carve else 0.0, self.seed)
+            return
         if self.specs["val"] is not None or self.val_fraction == 0:
             self._train_indices, self._val_indices = np.arange(n), np.arange(0)
             return
@@ -245,10 +330,18 @@ class OODDataModule(pl.LightningDataModule):
         self._val_indices = np.sort(permutation[:n_val])
         self._train_indices = np.sort(permutation[n_val:])
 
+    def set_preprocess(self, preprocess: PreprocessConfig | None) -> None:
+        """Prepare images for a model with this preprocessing (``model.preprocess``) from now on.
+
+        Datasets built afterwards use it; cached evaluation tensors are keyed by it, so none is reused."""
+        self.preprocess = preprocess
+
     def resolve_preprocess(self) -> PreprocessConfig:
-        """The override if given, else the attached model's backbone preprocessing, else CIFAR 32x32."""
-        if self.preprocess_override is not None:
-            return self.preprocess_override
+        """The preprocessing passed in (``preprocess`` / :meth:`set_preprocess`), else CIFAR 32x32."""
+        if self.preprocess is not None:
+            return self.preprocess
+        # Transitional: a Python caller that passed nothing still gets the attached model's preprocessing.
+        # Goes away once OODMethod.setup passes its preprocessing in (issue 11, item 7).
         trainer = getattr(self, "trainer", None)
         model = getattr(trainer, "lightning_module", None) if trainer is not None else None
         return getattr(model, "preprocess", None) or DEFAULT_PREPROCESS
@@ -264,6 +357,8 @@ class OODDataModule(pl.LightningDataModule):
                 self._load(f"ood/{name}", spec, f"data.ood.{group}.{name}")
         for name, spec in self.ood_val_specs.items():
             self._load(f"ood_val/{name}", spec, f"data.ood_val.{name}")
+        for name, spec in self.unlabeled_specs.items():
+            self._load(f"unlabeled/{name}", spec, f"data.unlabeled.{name}")
         if self._train_indices is None:
             self._split_train_val()
         self._check_labels()
@@ -294,7 +389,18 @@ class OODDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------------- datasets
     def train_dataset(self) -> IndexedDataset:
         cfg = self.resolve_preprocess()
-        return IndexedDataset(self.train_images, train_transform(cfg, self.augmentation), self._train_indices)
+        transform = train_transform(cfg, self.augmentation)
+        return IndexedDataset(self.train_images, transform, self._train_indices, n_views=self.n_views)
+
+    def unlabeled_dataset(self) -> UnlabeledImages | None:
+        """The ``unlabeled`` sets as one dataset with the training transform, or ``None`` without any."""
+        if not self.unlabeled_specs:
+            return None
+        sets = [
+            self._load(f"unlabeled/{name}", spec, f"data.unlabeled.{name}") for name, spec in self.unlabeled_specs.items()
+        ]
+        transform = train_transform(self.resolve_preprocess(), self.augmentation)
+        return UnlabeledImages(sets, transform, self.n_views, names=list(self.unlabeled_specs))
 
     def _cached(self, key: str, dataset: IndexedDataset) -> Dataset:
         """``dataset`` as a :class:`CachedDataset` if it fits in what is left of ``eval_cache_mb``."""
@@ -353,22 +459,35 @@ class OODDataModule(pl.LightningDataModule):
             persistent_workers=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """The labelled training loader; with ``unlabeled`` sets, ``CombinedLoader({"labeled": ...,
+        "unlabeled": ...}, "min_size")`` (robustft/data/unlabeled.py says why ``min_size``)."""
         # draws what DataLoader(shuffle=True, generator=seeded) draws, and resumes exactly mid-epoch from
         # the position that state_dict() saved (robustft/data/resumable.py)
         from robustft.data.resumable import resumable_train_loader
 
         resume_state, self._train_resume_state = getattr(self, "_train_resume_state", None), None
-        return resumable_train_loader(self.train_dataset(), self.batch_size, self.seed, self.num_workers, resume_state)
+        labeled = resumable_train_loader(self.train_dataset(), self.batch_size, self.seed, self.num_workers, resume_state)
+        unlabeled = self.unlabeled_dataset()
+        if unlabeled is None:
+            return labeled
+        trainer = getattr(self, "trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        stream = UnlabeledStream(unlabeled, self.unlabeled_batch_size, self.seed, rank, world_size)
+        resume_state, self._unlabeled_resume_state = getattr(self, "_unlabeled_resume_state", None), None
+        loader = UnlabeledLoader(stream, resume_state=resume_state, num_workers=self.num_workers)
+        return CombinedLoader({"labeled": labeled, "unlabeled": loader}, mode="min_size")
 
     def state_dict(self) -> dict:
-        """The training loader's position (shuffle / augmentation RNG, batches done), saved in checkpoints."""
+        """The training loaders' positions (shuffle / augmentation RNG, batches done), saved in checkpoints:
+        ``{"train_loader": ..., "unlabeled_loader": ...}`` (each only when it exists)."""
         from robustft.data.resumable import train_loader_state
 
         return train_loader_state(getattr(self, "trainer", None))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._train_resume_state = state_dict.get("train_loader")
+        self._unlabeled_resume_state = state_dict.get("unlabeled_loader")
 
     def val_dataloader(self) -> DataLoader | list:
         dataset = self.val_dataset()

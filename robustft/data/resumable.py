@@ -153,12 +153,21 @@ def batches_done(trainer: Any) -> int:
 
 
 def train_loader_state(trainer: Any) -> dict[str, Any]:
-    """``{"train_loader": position}`` of the trainer's live training loader, or ``{}`` when it has none or
-    it is not a :class:`ResumableDataLoader` (e.g. a webdataset stream)."""
+    """``{"train_loader": position}`` of the trainer's live training loader, plus ``"unlabeled_loader"``
+    when it delivers an unlabelled stream next to it (``{"labeled": ..., "unlabeled": ...}``, see
+    robustft/data/unlabeled.py); ``{}`` when it has none or it is not a :class:`ResumableDataLoader`
+    (e.g. a webdataset stream)."""
+    from robustft.data.unlabeled import UnlabeledLoader
+
     loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
-    if not isinstance(loader, ResumableDataLoader):
-        return {}
-    return {"train_loader": loader.position(batches_done(trainer))}
+    state: dict[str, Any] = {}
+    if isinstance(loader, dict):
+        if isinstance(loader.get("unlabeled"), UnlabeledLoader):
+            state["unlabeled_loader"] = loader["unlabeled"].position()
+        loader = loader.get("labeled")
+    if isinstance(loader, ResumableDataLoader):
+        state["train_loader"] = loader.position(batches_done(trainer))
+    return state
 
 
 def resumable_train_loader(

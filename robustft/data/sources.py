@@ -59,10 +59,15 @@ class DatasetSpec:
 
 
 class LabeledImages(Dataset):
-    """Base dataset: ``(PIL RGB image, label)`` items plus ``labels`` and ``class_names``."""
+    """Base dataset: ``(PIL RGB image, label)`` items plus ``labels`` and ``class_names``.
+
+    A source whose samples come with captions (an npz ``texts`` array, webdataset ``.txt`` members) sets
+    ``texts`` (one string per sample); the datamodule then puts them in the batch as ``text``.
+    """
 
     labels: np.ndarray
     class_names: list[str]
+    texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -142,16 +147,21 @@ class ArrayImages(LabeledImages):
             different number of images and labels.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], texts: Sequence[str] | None = None
+    ) -> None:
         images = as_image_array(images)
         labels = as_label_array(labels)
         if len(images) != len(labels):
             raise ArrayFormatError(
                 f"{len(images)} images but {len(labels)} labels; give exactly one label per image"
             )
+        if texts is not None and len(texts) != len(images):
+            raise ArrayFormatError(f"{len(images)} images but {len(texts)} texts; give exactly one caption per image")
         self.images = images
         self.labels = labels
         self.class_names = [str(c) for c in class_names]
+        self.texts = [str(t) for t in texts] if texts is not None else None
 
     def load_image(self, index: int) -> Image.Image:
         array = self.images[index]
@@ -160,23 +170,28 @@ class ArrayImages(LabeledImages):
         return Image.fromarray(array, mode="RGB")
 
     def subset(self, indices: np.ndarray) -> ArrayImages:
-        return ArrayImages(self.images[indices], self.labels[indices], self.class_names)
+        texts = [self.texts[i] for i in indices] if self.texts is not None else None
+        return ArrayImages(self.images[indices], self.labels[indices], self.class_names, texts)
 
 
 class FileImages(LabeledImages):
     """Images read lazily from files (image folders): too many to hold in memory."""
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str]) -> None:
+    def __init__(
+        self, paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], texts: Sequence[str] | None = None
+    ) -> None:
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
+        self.texts = list(texts) if texts is not None else None
 
     def load_image(self, index: int) -> Image.Image:
         with Image.open(self.paths[index]) as image:
             return image.convert("RGB")
 
     def subset(self, indices: np.ndarray) -> FileImages:
-        return FileImages([self.paths[i] for i in indices], self.labels[indices], self.class_names)
+        texts = [self.texts[i] for i in indices] if self.texts is not None else None
+        return FileImages([self.paths[i] for i in indices], self.labels[indices], self.class_names, texts)
 
 
 SourceFn = Callable[[DatasetSpec, str], LabeledImages]
@@ -202,7 +217,8 @@ def _decode_jpeg_blob(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 @DATASET_SOURCES.register("npz")
 def load_npz(spec: DatasetSpec, field_name: str) -> LabeledImages:
     """Compact ``.npz`` arrays: ``images`` (NHWC uint8) or ``jpeg_bytes`` + ``offsets``, with
-    ``labels`` and optionally ``class_names``. Loaded with ``allow_pickle=False``."""
+    ``labels`` and optionally ``class_names`` and ``texts`` (one caption per image, a unicode array).
+    Loaded with ``allow_pickle=False``."""
     path = _require_path(Path(spec.path), field_name, "Give the path of an .npz file with 'images' and 'labels'.")
     try:
         arrays = np.load(path, allow_pickle=False)
@@ -223,7 +239,8 @@ def load_npz(spec: DatasetSpec, field_name: str) -> LabeledImages:
         class_names = [str(c) for c in arrays["class_names"]]
     else:
         class_names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
-    return ArrayImages(images, labels, class_names)
+    texts = [str(t) for t in arrays["texts"]] if "texts" in keys else None
+    return ArrayImages(images, labels, class_names, texts)
 
 
 def _load_cifar(spec: DatasetSpec, field_name: str, dataset_cls: type, folder: str) -> LabeledImages:

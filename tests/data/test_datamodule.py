@@ -314,7 +314,7 @@ class _RecordShapes(pl.Callback):
 def test_preprocess_from_the_attached_models_backbone() -> None:
     """A timm test model expects 160x160 inputs normalised with mean/std 0.5: the datamodule follows it."""
     torch.manual_seed(0)
-    model = Classifier(num_classes=10, backbone="timm/test_resnet", scheduler="none")
+    model = Classifier(num_classes=10, backbone="timm/test_resnet", scheduler=None)
     assert model.preprocess.image_size == 160
     module = make_dm(
         train=spec(TEST_2K, max_samples=16),
