@@ -310,6 +310,11 @@ class RobustFTCLI(LightningCLI):
             "average": {"model", "datamodule"},
         }
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # The datamodule never reaches into the model: the model's preprocessing (image size, mean, std)
+        # is passed to it when both are instantiated.
+        parser.link_arguments("model.preprocess", "data.init_args.preprocess", apply_on="instantiate")
+
     def init_parser(self, **kwargs: Any) -> Any:
         # raise ArgumentError instead of printing a 50-line usage dump; `cli_main` prints one short block
         kwargs["exit_on_error"] = False

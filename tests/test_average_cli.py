@@ -21,10 +21,9 @@ from robustft.averaging import (
 )
 from robustft.cli import main
 from robustft.evaluation.engine import collect_outputs
+from robustft.evaluation.sweep import _choose, _resolve_alphas
 from robustft.evaluation.weight_space import (
     SweepSettings,
-    _choose,
-    _resolve_alphas,
     build_model_at_alpha,
     fit_temperature,
     load_endpoint,
@@ -78,7 +77,7 @@ def configured(runs):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
         cli = main(["--config", CONFIG, "--trainer.logger.init_args.save_dir", str(runs["root"] / "cfg")], run=False)
-        cli.datamodule.preprocess_override = cli.model.preprocess
+        assert cli.datamodule.preprocess == cli.model.preprocess  # passed in by the CLI
         cli.datamodule.setup("test")
     return cli.model.eval(), cli.datamodule
 
@@ -282,3 +281,40 @@ def test_alpha_grid_and_selection_rules_are_checked() -> None:
     with pytest.raises(ValueError, match="best_shifted"):
         _resolve_alphas([0, 1], "best_test")
     assert math.isclose(sum(_resolve_alphas([0.0, 0.5, 1.0], None)), 1.5)
+
+
+def test_evaluate_without_a_model_section_passes_the_models_preprocessing(runs, tmp_path) -> None:
+    """The datamodule never reaches into the model: the CLI passes ``model.preprocess`` in, also when the
+    model comes from the checkpoint alone (``evaluate --ckpt_path`` with no model section)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / CONFIG).read_text())
+    del config["model"]
+    path = tmp_path / "data_only.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(["evaluate", "--config", str(path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                "--ckpt_path", str(runs["plain"]), "--report_dir", str(tmp_path / "eval")])
+    assert isinstance(cli.model, Finetune)
+    assert cli.datamodule.preprocess is not None and cli.datamodule.preprocess == cli.model.preprocess
+    assert (tmp_path / "eval" / "report.json").is_file()
+
+
+def test_average_checkpoints_gives_a_bare_datamodule_the_models_preprocessing(runs, configured, tmp_path) -> None:
+    """A Python caller's datamodule without ``preprocess`` is configured through the public
+    ``set_preprocess``; one with its own preprocessing keeps it."""
+    from robustft.backbones.base import PreprocessConfig
+    from robustft.data import OODDataModule
+    from robustft.evaluation.weight_space import average_checkpoints
+
+    model, configured_dm = configured
+    theta0 = model_state(model)
+    kwargs = {key: configured_dm.specs[key] for key in ("train", "test")}
+    bare = OODDataModule(**kwargs, ood=configured_dm.ood_specs, val_fraction=0.25)
+    odd = PreprocessConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert model.preprocess != odd and bare.preprocess is None
+    own = OODDataModule(**kwargs, ood=configured_dm.ood_specs, val_fraction=0.25, preprocess=odd)
+    for datamodule, expected in ((bare, model.preprocess), (own, odd)):
+        average_checkpoints(model, datamodule, runs["plain"], alphas=[1.0], corruptions=[],
+                            report_dir=tmp_path / str(id(datamodule)))
+        assert datamodule.preprocess == expected and datamodule.resolve_preprocess() == expected
+    model.load_state_dict(theta0)

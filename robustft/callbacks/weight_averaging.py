@@ -29,6 +29,7 @@ from robustft.evaluation.weight_space import (
     SweepSettings,
     model_state,
     run_sweep,
+    save_averaged_checkpoint,
     write_sweep,
 )
 from robustft.methods.base import OODMethod
@@ -52,6 +53,8 @@ class WeightAveraging(pl.Callback):
         bn_recalibration_batches: re-estimate BatchNorm statistics of each averaged model on this many
             training batches (0 = keep the averaged statistics).
         tune: tune score hyper-parameters on the OOD validation sets for every α.
+            The sweep runs at the end of training (``on_train_end``), on the training device and in the
+            trainer's precision; its files (and the chosen model's checkpoint) are written atomically.
         restore: after the sweep keep the ``finetuned`` weights in the module (default) or the ``chosen`` α.
     """
 
@@ -114,7 +117,11 @@ class WeightAveraging(pl.Callback):
                 )
             self.theta0 = model_state(pl_module)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The sweep, on the training device and in the training precision, with every rank alive.
+
+        ``on_fit_end`` would be too late: Lightning calls it after the strategy's teardown, which has
+        moved the module to the CPU (and, under DDP, the evaluation gathers need every rank)."""
         if self.theta0 is None:
             return
         datamodule = trainer.datamodule
@@ -132,20 +139,29 @@ class WeightAveraging(pl.Callback):
         )
         meta = {"theta0": "weights at the start of fit", "theta1": "weights at the end of fit",
                 "global_step": trainer.global_step}
+        device = trainer.strategy.root_device
+        self.last_result = None
         try:
-            result = run_sweep(pl_module, datamodule, self.theta0, theta1, settings, pl_module.device, meta)
+            result = run_sweep(pl_module, datamodule, self.theta0, theta1, settings, device, meta)
             self.last_result = result
             directory = self._report_dir(trainer)
-            if result.chosen_state is not None:
-                pl_module.load_state_dict(result.chosen_state)
-                self.checkpoint_path = directory / f"averaged_alpha{result.chosen_alpha:.2f}.ckpt"
-                trainer.save_checkpoint(self.checkpoint_path, weights_only=True)
-                result.meta["checkpoint"] = str(self.checkpoint_path)
+            # every rank: gathering the module's state may be collective under sharded strategies
+            template = self._template(trainer) if result.chosen_state is not None else None
             if trainer.is_global_zero:
+                if result.chosen_state is not None:
+                    self.checkpoint_path = save_averaged_checkpoint(pl_module, result, directory, template)
                 write_sweep(result, directory)
                 rank_zero_info(f"WeightAveraging: table and plot in {directory}")
+            trainer.strategy.barrier("WeightAveraging.on_train_end")
         finally:
             if self.restore == "finetuned" or self.last_result is None or self.last_result.chosen_state is None:
                 pl_module.load_state_dict(theta1)
             else:
                 pl_module.load_state_dict(self.last_result.chosen_state)
+
+    @staticmethod
+    def _template(trainer: pl.Trainer) -> dict[str, Any]:
+        """What a checkpoint of this run holds besides the weights (hyper-parameters, versions, the
+        robustft entry); :func:`averaged_checkpoint` drops the optimiser and loop state."""
+        return {k: v for k, v in trainer._checkpoint_connector.dump_checkpoint(weights_only=True).items()
+                if k != "state_dict"}

@@ -38,7 +38,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from robustft.data.datamodule import IndexedDataset, OODDataModule
+from robustft.data.datamodule import CachedDataset, IndexedDataset, OODDataModule
 from robustft.data.sources import DataConfigError, DatasetSpec, LabeledImages, load_dataset
 from robustft.data.transforms import eval_transform
 from robustft.registry import Registry
@@ -138,21 +138,6 @@ class CorruptedImages(LabeledImages):
         image = np.asarray(self.base.load_image(index).convert("RGB"))
         rng = np.random.default_rng([self.seed, self._corruption_id, self.severity, int(index)])
         return Image.fromarray(corrupt(image, self.corruption, self.severity, rng), mode="RGB")
-
-
-class _Materialized(Dataset):
-    """An evaluation set transformed once and kept as one tensor (the same images are scored for every α)."""
-
-    def __init__(self, dataset: IndexedDataset) -> None:
-        samples = [dataset[i] for i in range(len(dataset))]
-        self.images = torch.stack([s["image"] for s in samples])
-        self.labels = np.asarray([s["label"] for s in samples], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, position: int) -> dict:
-        return {"image": self.images[position], "label": int(self.labels[position]), "index": position}
 
 
 class ShiftedSet(Dataset):
@@ -270,7 +255,7 @@ def shifted_test_sets(
     out: dict[str, ShiftedSet] = {}
     for name, dataset in sets.items():
         needed = len(dataset) * 3 * size * size * 4
-        kept = _Materialized(dataset) if needed <= budget else dataset
+        kept = CachedDataset(dataset) if needed <= budget else dataset
         budget -= needed if needed <= budget else 0
         out[name] = ShiftedSet(kept, class_indices.get(name))
     return out

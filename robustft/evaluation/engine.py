@@ -8,6 +8,7 @@ every score is computed from those cached outputs.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ def check_finite_outputs(model: OODMethod, outputs: dict[str, Tensor], set_name:
             raise NonFiniteOutputsError(
                 f"the model's outputs are NaN/Inf: '{key}' of {bad} sample(s) of the {set_name} set, with the "
                 f"weights of epoch {model.current_epoch}, global step {model.global_step}. The weights diverged "
-                "during training: lower model.lr, enable gradient clipping (trainer.gradient_clip_val), or "
+                "during training: lower the learning rate (model.init_args.optimizer.init_args.lr), enable gradient clipping (trainer.gradient_clip_val), or "
                 "evaluate an earlier checkpoint"
             )
 
@@ -57,13 +58,23 @@ class EvaluationResult:
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def precision_context(model: OODMethod) -> AbstractContextManager:
+    """The precision forward passes run under: the attached trainer's (``trainer.precision_plugin``'s
+    ``forward_context``, i.e. autocast under ``bf16-mixed`` / ``16-mixed``, exactly as in training), or
+    none when the model is not attached to a trainer. Only forward passes run in it: scores are computed
+    afterwards from float32 outputs."""
+    trainer = model._trainer  # the public ``model.trainer`` raises when detached
+    return trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+
+
 @torch.no_grad()
 def collect_outputs(
     model: OODMethod, datamodule: OODDataModule, dataset: Dataset, device: torch.device, set_name: str = "evaluation"
 ) -> dict[str, Tensor]:
     """``forward_eval`` over ``dataset`` (this rank's shard), gathered across ranks, ordered by index.
 
-    Raises :class:`NonFiniteOutputsError` (on every rank, after the gather) if the model output NaN/Inf."""
+    Forward passes run in the trainer's precision (:func:`precision_context`); floating outputs are
+    returned as float32. Raises :class:`NonFiniteOutputsError` (on every rank, after the gather) if the model output NaN/Inf."""
     loader = datamodule.eval_loader(dataset, sampler=ShardSampler(len(dataset)))
     keep = model.output_keys()
     chunks: dict[str, list[Tensor]] = {}
@@ -72,7 +83,8 @@ def collect_outputs(
     try:
         for batch in loader:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            outputs = model.forward_eval(batch)
+            with precision_context(model):
+                outputs = model.forward_eval(batch)
             outputs = {k: v for k, v in outputs.items() if k in keep}
             outputs["labels"] = batch["label"]
             outputs["index"] = batch["index"]
@@ -81,7 +93,8 @@ def collect_outputs(
     finally:
         model.train(was_training)
     if not chunks:  # this rank got no samples (tiny set, many ranks): contribute empty tensors
-        probe = model.forward_eval({k: v[:1].to(device) for k, v in _first_batch(datamodule, dataset).items()})
+        with precision_context(model):
+            probe = model.forward_eval({k: v[:1].to(device) for k, v in _first_batch(datamodule, dataset).items()})
         chunks = {k: [v[:0].float()] for k, v in probe.items() if k in keep}
         chunks["labels"] = [torch.zeros(0, dtype=torch.long, device=device)]
         chunks["index"] = [torch.zeros(0, dtype=torch.long, device=device)]
@@ -111,7 +124,8 @@ def tune_on_ood_val(
 ) -> dict[str, dict[str, Any]]:
     """OpenOOD's APS: pick each score's hyper-parameters by AUROC of ID-val vs the OOD *validation* sets.
 
-    Never looks at OOD test sets. Updates ``model.score_kwargs`` and rebuilds the scores.
+    Never looks at OOD test sets. Sets the chosen hyper-parameters through the method's public
+    :meth:`~robustft.methods.base.OODMethod.configure_scores`.
     """
     val = datamodule.val_dataset()
     ood_val = datamodule.ood_datasets("val")
@@ -134,8 +148,9 @@ def tune_on_ood_val(
             name, id_val, pooled, reference, head, lambda a, b: ood_metrics(a, b)["auroc"], fixed=fixed
         )
         tuned[name] = {"hyperparameters": best, "ood_val_auroc": value}
-        model.score_kwargs[name] = best
-    model._scores = None
+    if tuned:
+        chosen = {name: dict(entry["hyperparameters"]) for name, entry in tuned.items()}
+        model.configure_scores(score_kwargs={**model.score_kwargs, **chosen})
     return tuned
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from robustft.data import DataConfigError, DatasetSpec, IndexedDataset, load_dataset
+from robustft.data import DataConfigError, DatasetSpec, IndexedDataset, WebDataModule, load_dataset
 from robustft.data.webdataset_source import ShardImages, StreamLoader, WebDatasetTrainStream, resolve_shards
 from robustft.evaluation.distributed import ShardSampler
 
@@ -267,3 +267,12 @@ def test_webdatamodule_refuses_a_validation_split_of_a_stream(shards: Path) -> N
         WebDataModule(train=train, test=train, val_fraction=0.1)
     with pytest.raises(DataConfigError, match="streams webdataset shards"):
         WebDataModule(train=DatasetSpec(source="npz", path=str(TEST_2K)), test=train)
+
+
+@pytest.mark.parametrize("option", [{"n_views": 2}, {"shots_per_class": 4},
+                                    {"unlabeled": {"u": {"source": "npz", "path": "x.npz"}}}])
+def test_webdatamodule_refuses_options_its_stream_would_ignore(option: dict) -> None:
+    name = next(iter(option))
+    with pytest.raises(DataConfigError, match=rf"data\.{name}: not supported by WebDataModule"):
+        WebDataModule(train={"source": "webdataset", "path": "shards/"}, test={"source": "npz", "path": "t.npz"},
+                      **option)

@@ -138,7 +138,7 @@ def test_no_ood_sets_is_refused_before_work() -> None:
 def test_score_needing_features_is_refused_for_logit_only_method(datamodule: OODDataModule) -> None:
     model = _model(["knn"])
     model.output_keys = lambda: {"logits"}  # a method that exposes no features
-    model._scores = None
+    model.configure_scores()  # rebuild the scores against the new outputs
     with pytest.raises(ValueError, match="score 'knn' needs outputs"):
         evaluate_model(model, datamodule)
 
@@ -204,3 +204,43 @@ def test_callback_monitors_subsets_per_epoch_and_reports_full_sets_at_the_end(
 def test_epoch_max_samples_must_be_positive() -> None:
     with pytest.raises(ValueError, match="epoch_max_samples"):
         OODEvaluation(epoch_max_samples=0)
+
+
+def test_forward_passes_run_in_the_trainers_precision(datamodule: OODDataModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attached to a ``bf16-mixed`` trainer, evaluation runs forward_eval under the trainer's autocast, as
+    training does; scores are computed from float32 outputs and the report is built."""
+    model = _model(["msp", "energy"])
+    seen: list[tuple[bool, torch.dtype]] = []
+    original = model.forward_eval
+
+    def recording(batch):
+        outputs = original(batch)
+        seen.append((torch.is_autocast_enabled("cpu"), outputs["logits"].dtype))
+        return outputs
+
+    monkeypatch.setattr(model, "forward_eval", recording)
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    model.trainer = trainer  # what fit / test / evaluate do
+    result = evaluate_model(model, datamodule, device=torch.device("cpu"), max_samples=40)
+    assert len(seen) == 4 and all(autocast and dtype == torch.bfloat16 for autocast, dtype in seen)
+    assert result.id_scores["msp"].dtype == torch.float32
+    assert result.report["id"]["n"] == 40 and 0.0 <= result.report["ood"]["dtd"]["msp"]["auroc"] <= 1.0
+    # detached from a trainer: full precision
+    seen.clear()
+    model.trainer = None
+    evaluate_model(model, datamodule, device=torch.device("cpu"), max_samples=40)
+    assert seen == [(False, torch.float32)] * 4
+
+
+def test_tuning_sets_scores_through_the_public_api(datamodule: OODDataModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine never writes the method's score state itself: it calls ``configure_scores``."""
+    torch.manual_seed(0)
+    model = Classifier(num_classes=10, backbone="cifar_resnet20", backbone_weights=WEIGHTS, scores=["msp", "knn"],
+                       score_kwargs={"knn": {"k": 7}}).eval()
+    calls: list[dict] = []
+    monkeypatch.setattr(model, "configure_scores", lambda **kwargs: calls.append(kwargs), raising=False)
+    reference = engine.collect_outputs(model, datamodule, datamodule.reference_dataset(), torch.device("cpu"))
+    tuned = engine.tune_on_ood_val(model, datamodule, torch.device("cpu"), reference)
+    assert model.score_kwargs == {"knn": {"k": 7}}  # untouched by the engine
+    (call,) = calls
+    assert set(call) == {"score_kwargs"} and call["score_kwargs"]["knn"] == tuned["knn"]["hyperparameters"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from robustft.backbones.clip import CLIPBackbone
 from robustft.data.sources import DatasetSpec, load_dataset
 from robustft.data.transforms import eval_transform
-from robustft.evaluation.weight_space import build_model_at_alpha, model_state, scale_head
+from robustft.evaluation.weight_space import build_model_at_alpha, head_keys, model_state, scale_head
 from robustft.losses import mixup, smooth_labels, soft_cross_entropy
 from robustft.methods import Classifier, ConfigMismatchError, Finetune
 
@@ -111,13 +111,13 @@ def test_zero_shot_head_config_errors(micro_clip_file) -> None:
 def test_no_smoothing_no_mixup_is_exactly_plain_cross_entropy(batch) -> None:
     torch.manual_seed(0)
     model = Finetune(backbone_weights=WEIGHTS, label_smoothing=0.0, mixup_alpha=0.0).train()
-    loss = model.training_loss(batch)
+    loss = model.training_losses(batch)["ce"]
     expected = F.cross_entropy(model(batch["image"]), batch["label"])
     assert torch.equal(loss, expected)
     # ... and exactly the Classifier's loss on the same weights
     classifier = Classifier(backbone_weights=WEIGHTS).train()
     classifier.load_state_dict(model.state_dict())
-    assert torch.equal(classifier.training_loss(batch), loss)
+    assert torch.equal(classifier.training_losses(batch)["ce"], loss)
     # the soft-target path with one-hot targets agrees with it
     onehot = smooth_labels(batch["label"], 10, 0.0)
     torch.testing.assert_close(soft_cross_entropy(model(batch["image"]), onehot), loss, rtol=1e-6, atol=1e-6)
@@ -125,7 +125,7 @@ def test_no_smoothing_no_mixup_is_exactly_plain_cross_entropy(batch) -> None:
 
 def test_label_smoothing_matches_soft_targets(batch) -> None:
     model = Finetune(backbone_weights=WEIGHTS, label_smoothing=0.1).eval()  # eval: deterministic BN
-    loss = model.training_loss(batch)
+    loss = model.training_losses(batch)["ce"]
     soft = soft_cross_entropy(model(batch["image"]), smooth_labels(batch["label"], 10, 0.1))
     torch.testing.assert_close(loss, soft, rtol=1e-6, atol=1e-6)
     assert loss > F.cross_entropy(model(batch["image"]), batch["label"])  # a confident model pays for ε
@@ -134,7 +134,7 @@ def test_label_smoothing_matches_soft_targets(batch) -> None:
 def test_mixup_loss_is_soft_cross_entropy_on_the_mixed_batch(batch) -> None:
     model = Finetune(backbone_weights=WEIGHTS, label_smoothing=0.1, mixup_alpha=0.5).eval()
     torch.manual_seed(7)
-    loss = model.training_loss(batch)
+    loss = model.training_losses(batch)["ce"]
     torch.manual_seed(7)
     images, targets, lam = mixup(batch["image"], smooth_labels(batch["label"], 10, 0.1), 0.5)
     assert 0.0 < lam < 1.0
@@ -174,8 +174,11 @@ def test_lc_weight_space_ensemble_equals_output_space_ensemble(batch) -> None:
         for alpha in (0.25, 0.5, 0.8):
             build_model_at_alpha(model, theta0, theta1, alpha)
             torch.testing.assert_close(model(batch["image"]), (1 - alpha) * f0 + alpha * f1, rtol=1e-5, atol=1e-5)
+        # the head BANG scales is the classifier head the scores read, found in the state dict
+        keys = head_keys(model)
+        assert keys == ("head.weight", "head.bias")
         # T = 2 is a power of two: dividing the head divides the logits exactly
-        build_model_at_alpha(model, theta0, scale_head(theta1, Finetune.head_state_keys, 2.0), 1.0)
+        build_model_at_alpha(model, theta0, scale_head(theta1, keys, 2.0), 1.0)
         assert torch.equal(model(batch["image"]), f1 / 2)
-        build_model_at_alpha(model, theta0, scale_head(theta1, Finetune.head_state_keys, 1.0), 1.0)
+        build_model_at_alpha(model, theta0, scale_head(theta1, keys, 1.0), 1.0)
         assert torch.equal(model(batch["image"]), f1)
