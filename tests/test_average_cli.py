@@ -32,6 +32,8 @@ from robustft.evaluation.weight_space import (
 )
 from robustft.methods import ConfigMismatchError, Finetune
 
+pytestmark = pytest.mark.slow  # session CLIP pre-training / several fits: see README (Tests)
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "tests/conf/tiny_finetune.yaml"
 PNG = "data/cifar10/cifar10_kaggle_train200_png.npz"

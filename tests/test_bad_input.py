@@ -399,6 +399,7 @@ def test_zero_devices(world, capsys) -> None:
 
 
 # ------------------------------------------------------------------------------------------ a real process
+@pytest.mark.slow  # two fresh interpreters
 def test_python_m_robustft_prints_no_traceback_and_debug_shows_it(world) -> None:
     """The real entry point, in a subprocess: exit 2 with one line; ``--debug`` re-raises with the traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -337,14 +337,9 @@ class OODDataModule(pl.LightningDataModule):
         self.preprocess = preprocess
 
     def resolve_preprocess(self) -> PreprocessConfig:
-        """The preprocessing passed in (``preprocess`` / :meth:`set_preprocess`), else CIFAR 32x32."""
-        if self.preprocess is not None:
-            return self.preprocess
-        # Transitional: a Python caller that passed nothing still gets the attached model's preprocessing.
-        # Goes away once OODMethod.setup passes its preprocessing in (issue 11, item 7).
-        trainer = getattr(self, "trainer", None)
-        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        return getattr(model, "preprocess", None) or DEFAULT_PREPROCESS
+        """The preprocessing passed in (``preprocess``, linked from the model by the CLI, or
+        :meth:`set_preprocess`, called by ``OODMethod.setup``), else CIFAR 32x32."""
+        return self.preprocess if self.preprocess is not None else DEFAULT_PREPROCESS
 
     def setup(self, stage: str | None = None) -> None:
         """Load every configured set now, so a bad path fails before any training starts."""

@@ -36,6 +36,7 @@ class ShardImages(LabeledImages):
         labels: np.ndarray,
         class_names: Sequence[str],
         keys: Sequence[str] | None = None,
+        texts: Sequence[str] | None = None,
     ) -> None:
         self.shards = list(shards)
         self.shard_index = np.asarray(shard_index, dtype=np.int32)
@@ -44,6 +45,7 @@ class ShardImages(LabeledImages):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = [str(c) for c in class_names]
         self.keys = list(keys) if keys is not None else None
+        self.texts = list(texts) if texts is not None else None  # captions (.txt members), when every sample has one
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -54,6 +56,7 @@ class ShardImages(LabeledImages):
         sizes: list[int] = []
         labels: list[int] = []
         keys: list[str] = []
+        texts: list[str | None] = []
         any_label = False
         for s, shard in enumerate(shard_list.paths):
             try:
@@ -65,7 +68,7 @@ class ShardImages(LabeledImages):
                     f"{field_name}.path: shard '{shard}' holds {len(samples)} samples but the manifest says "
                     f"{shard_list.counts[s]}; the shard is truncated or the manifest is stale"
                 )
-            for key, (image, label) in samples.items():
+            for key, (image, label, text) in samples.items():
                 if image is None:
                     raise DataConfigError(
                         f"{field_name}.path: sample '{key}' of shard '{shard}' has no image member "
@@ -77,6 +80,7 @@ class ShardImages(LabeledImages):
                 labels.append(0 if label is None else label)
                 any_label |= label is not None
                 keys.append(key)
+                texts.append(text)
         labels_array = np.asarray(labels, dtype=np.int64)
         if shard_list.class_names is not None:
             class_names = list(shard_list.class_names)
@@ -84,7 +88,14 @@ class ShardImages(LabeledImages):
             class_names = [str(i) for i in range(int(labels_array.max()) + 1)]
         else:
             class_names = ["unlabeled"]
-        return cls(shard_list.paths, shard_ids, offsets, sizes, labels_array, class_names, keys)
+        with_text = sum(t is not None for t in texts)
+        if 0 < with_text < len(texts):
+            raise DataConfigError(
+                f"{field_name}.path: {with_text} of {len(texts)} samples have a caption (.txt); give every sample "
+                "one, or none (captions then come from class-name templates)"
+            )
+        captions = [str(t) for t in texts] if with_text else None
+        return cls(shard_list.paths, shard_ids, offsets, sizes, labels_array, class_names, keys, captions)
 
     def _fd(self, shard: int) -> int:
         if os.getpid() != self._pid:  # forked worker: never share descriptors with the parent
@@ -106,9 +117,10 @@ class ShardImages(LabeledImages):
 
     def subset(self, indices: np.ndarray) -> ShardImages:
         keys = [self.keys[i] for i in indices] if self.keys is not None else None
+        texts = [self.texts[i] for i in indices] if self.texts is not None else None
         return ShardImages(
             self.shards, self.shard_index[indices], self.offsets[indices], self.sizes[indices],
-            self.labels[indices], self.class_names, keys,
+            self.labels[indices], self.class_names, keys, texts,
         )
 
     def __getstate__(self) -> dict:

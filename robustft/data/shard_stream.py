@@ -21,7 +21,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from robustft.data.datamodule import OODDataModule
-from robustft.data.shards import LABEL_KEYS, decode_image, parse_label, pick_image_key, resolve_shards
+from robustft.data.shards import LABEL_KEYS, TEXT_KEYS, decode_image, parse_label, pick_image_key, resolve_shards
 from robustft.data.sources import DataConfigError, DatasetSpec
 from robustft.data.transforms import train_transform
 
@@ -31,17 +31,21 @@ def _mix_seed(*values: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def stream_collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
+def stream_collate(samples: list[dict]) -> dict[str, Any]:
+    batch: dict[str, Any] = {
         "image": torch.stack([s["image"] for s in samples]),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         # a stream has no stable sample positions; -1 says so (evaluation never uses streams)
         "index": torch.full((len(samples),), -1, dtype=torch.long),
     }
+    texts = [s.get("text") for s in samples]
+    if all(t is not None for t in texts):  # CC3M-style .txt captions, as map-style shards give them
+        batch["text"] = texts
+    return batch
 
 
 class _DecodeTransform:
-    """Sample dict from a tar -> ``{"image": transformed tensor, "label": int}`` (picklable)."""
+    """Sample dict from a tar -> ``{"image": transformed tensor, "label": int[, "text": caption]}`` (picklable)."""
 
     def __init__(self, transform: Callable) -> None:
         self.transform = transform
@@ -51,7 +55,11 @@ class _DecodeTransform:
         if image_key is None:
             raise ValueError(f"sample '{sample.get('__key__')}' of '{sample.get('__url__')}' has no image member")
         label = next((parse_label(sample[k]) for k in LABEL_KEYS if k in sample), 0)
-        return {"image": self.transform(decode_image(sample[image_key])), "label": label}
+        decoded = {"image": self.transform(decode_image(sample[image_key])), "label": label}
+        text = next((sample[k] for k in TEXT_KEYS if k in sample), None)
+        if text is not None:
+            decoded["text"] = (text.decode("utf-8") if isinstance(text, bytes) else str(text)).strip()
+        return decoded
 
 
 class _EpochShards(IterableDataset):

@@ -27,6 +27,8 @@ from robustft.data.sources import DataConfigError
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pnm")
 #: member extensions read as the sample's integer label, in order of preference
 LABEL_KEYS = ("cls", "label", "class")
+#: member extensions holding a caption (CC3M-style ``.txt``; CLIP methods read it as ``batch["text"]``)
+TEXT_KEYS = ("txt", "caption", "text")
 MANIFEST_NAME = "manifest.json"
 
 
@@ -140,8 +142,9 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def index_tar(path: str) -> dict[str, tuple[tuple[int, int] | None, int | None]]:
-    """``{sample key: ((image offset, image size) | None, label | None)}`` in order of first appearance.
+def index_tar(path: str) -> dict[str, tuple[tuple[int, int] | None, int | None, str | None]]:
+    """``{sample key: ((image offset, image size) | None, label | None, caption | None)}`` in order of
+    first appearance (labels and captions are small, so they are read at indexing time).
 
     Members are grouped by key wherever they sit in the tar (a plain ``tar`` need not keep a sample's
     files adjacent); directories and webdataset's ``__meta__`` members are skipped.
@@ -160,7 +163,7 @@ def index_tar(path: str) -> dict[str, tuple[tuple[int, int] | None, int | None]]
                     continue
                 members.setdefault(key, {})[ext] = info
         fd = handle.fileno()
-        out: dict[str, tuple[tuple[int, int] | None, int | None]] = {}
+        out: dict[str, tuple[tuple[int, int] | None, int | None, str | None]] = {}
         for key, files in members.items():
             image_key = pick_image_key(list(files))
             image = (files[image_key].offset_data, files[image_key].size) if image_key else None
@@ -169,6 +172,11 @@ def index_tar(path: str) -> dict[str, tuple[tuple[int, int] | None, int | None]]
             if label_key is not None:
                 info = files[label_key]
                 label = parse_label(os.pread(fd, info.size, info.offset_data))
-            out[key] = (image, label)
+            text_key = next((k for k in TEXT_KEYS if k in files), None)
+            text = None
+            if text_key is not None:
+                info = files[text_key]
+                text = os.pread(fd, info.size, info.offset_data).decode("utf-8").strip()
+            out[key] = (image, label, text)
     return out
 

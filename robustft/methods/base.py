@@ -214,7 +214,12 @@ class OODMethod(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning plumbing
     def setup(self, stage: str) -> None:
+        """Check the class count against the data, and hand the datamodule this model's preprocessing
+        when nobody passed one (the CLI links it at instantiation; Python users may not): the datamodule
+        never reaches into the model. Lightning calls this before any dataloader is built."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "set_preprocess") and getattr(datamodule, "preprocess", None) is None:
+            datamodule.set_preprocess(self.preprocess)
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
             raise ConfigMismatchError(

@@ -64,6 +64,21 @@ def test_make_shards_writes_manifest(shards: Path) -> None:
         assert tar.extractfile("000000.txt").read().decode() == "a photo of a airplane."
 
 
+def test_shard_captions_reach_the_batch_as_text(shards: Path, reference) -> None:
+    """``.txt`` members are the captions of map-style shards: a subset keeps each caption with its image,
+    and the datamodule's training batch carries them as ``text``."""
+    from robustft.data import OODDataModule
+
+    spec = {"source": "webdataset", "path": str(shards / "manifest.json"), "max_samples": 64, "seed": 3}
+    images = load_dataset(DatasetSpec(**spec), "data.train")
+    assert images.texts == [f"a photo of a {CIFAR10_NAMES[label]}." for label in images.labels]
+    data = OODDataModule(train=spec, test={"source": "npz", "path": str(TEST_2K), "max_samples": 8},
+                         batch_size=16, val_fraction=0.0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["text"] == [f"a photo of a {CIFAR10_NAMES[int(label)]}." for label in batch["label"]]
+
+
 @pytest.mark.parametrize("form", ["manifest", "braces", "directory"])
 def test_round_trip_every_sample(shards: Path, reference, form: str) -> None:
     path = {
@@ -190,6 +205,8 @@ def test_train_stream_gives_the_same_number_of_batches_on_every_rank(shards: Pat
         assert len(batches) == expected
         assert all(b["image"].shape == (32, 3, 32, 32) and b["label"].shape == (32,) for b in batches)
         assert all(0 <= int(b["label"].min()) and int(b["label"].max()) <= 9 for b in batches)
+        # the shards' .txt captions travel with their images
+        assert all(b["text"] == [f"a photo of a {CIFAR10_NAMES[int(y)]}." for y in b["label"]] for b in batches)
 
 
 def test_train_stream_is_reproducible_per_epoch_and_rank(shards: Path) -> None:

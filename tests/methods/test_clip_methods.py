@@ -26,6 +26,8 @@ from robustft.methods import ConfigMismatchError, ContrastiveFinetune, ZeroShotC
 from robustft.methods import contrastive_ft as contrastive_ft_module
 from robustft.methods.neglabel import label_features, mine_negative_labels, read_candidates
 
+pytestmark = pytest.mark.slow  # session CLIP pre-training / several fits: see README (Tests)
+
 REPO = Path(__file__).resolve().parents[2]
 MICRO = "robustft-micro-vit"
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

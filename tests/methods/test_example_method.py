@@ -82,6 +82,7 @@ def _example(**kwargs: Any):
                    **kwargs)
 
 
+@pytest.mark.slow  # 36 optimizer steps of a ResNet-20 from scratch
 def test_two_views_unlabelled_stream_manual_steps_loss_down_and_clipped() -> None:
     torch.manual_seed(0)
     model = _example(clip_val=1.0, aux_lr_mult=2.0)  # random backbone: the loss has room to fall
