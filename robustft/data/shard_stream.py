@@ -21,7 +21,14 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from robustft.data.datamodule import OODDataModule
-from robustft.data.shards import LABEL_KEYS, TEXT_KEYS, decode_image, parse_label, pick_image_key, resolve_shards
+from robustft.data.shards import (
+    LABEL_KEYS,
+    TEXT_KEYS,
+    decode_image,
+    parse_label,
+    pick_image_key,
+    resolve_shards,
+)
 from robustft.data.sources import DataConfigError, DatasetSpec
 from robustft.data.transforms import train_transform
 
