@@ -213,7 +213,8 @@ def test_zero_classes(world, capsys) -> None:
 
 
 def test_missing_backbone_weights(world, capsys) -> None:
-    _fails_cleanly(world, capsys, _fit(world, "--model.init_args.backbone_weights", "nowhere/w.th"), "nowhere/w.th")
+    _fails_cleanly(world, capsys, _fit(world, "--model.init_args.backbone_weights", "nowhere/w.th"), "nowhere/w.th",
+                   "model.init_args.backbone_weights")
 
 
 def test_unknown_backbone(world, capsys) -> None:

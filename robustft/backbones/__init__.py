@@ -112,7 +112,10 @@ def create_backbone(name: str, weights: str | None = None, **kwargs) -> Backbone
     else:
         backbone = BACKBONES.get(name)(**kwargs)
     if weights is not None:
-        backbone.pretrained_head = load_backbone_weights(backbone, weights)
+        try:
+            backbone.pretrained_head = load_backbone_weights(backbone, weights)
+        except WeightsError as exc:  # name the config field: the same file may be read for other purposes
+            raise WeightsError(f"model.init_args.backbone_weights: {exc}") from None
     return backbone
 
 

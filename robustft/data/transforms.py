@@ -24,7 +24,7 @@ _INTERPOLATION = {
 }
 
 #: name -> ``fn(PreprocessConfig) -> PIL image -> normalised tensor``; ``data.augmentation`` picks one
-TRAIN_TRANSFORMS: Registry[Callable[[PreprocessConfig], Callable]] = Registry("training transform (data.augmentation)")
+TRAIN_TRANSFORMS: Registry[Callable[[PreprocessConfig], Callable]] = Registry("training transform")
 
 
 def _interpolation(cfg: PreprocessConfig) -> T.InterpolationMode:

@@ -41,7 +41,7 @@ def test_unknown_augmentation_names_the_field_and_the_close_match(typo: str, clo
         OODDataModule(train=DatasetSpec(source="npz", path=TEST_2K), test=DatasetSpec(source="npz", path=TEST_2K),
                       augmentation=typo)
     message = str(info.value)
-    assert message.startswith(f"data.augmentation: Unknown training transform (data.augmentation) '{typo}'")
+    assert message.startswith(f"data.augmentation: Unknown training transform '{typo}'")
     assert f"Did you mean '{close}'" in message and "simclr" in message
 
 
