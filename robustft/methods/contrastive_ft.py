@@ -128,7 +128,7 @@ class ContrastiveFinetune(ZeroShotCLIP):
     def on_fit_start(self) -> None:
         # Mine NegLabel negatives with the weights we start from (the official protocol mines with the
         # pre-trained model once and only re-encodes them after fine-tuning).
-        if "neg_cosine" in self._required() and self._negatives is None:
+        if "neg_cosine" in self._required() and self.negatives.words is None:
             self.mine_negatives()
 
     def training_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

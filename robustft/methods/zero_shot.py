@@ -14,22 +14,19 @@ embedding, for KNN/MDS if configured).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from robustft.backbones.base import PreprocessConfig
 from robustft.backbones.clip import CLIPBackbone
+from robustft.backbones.clip.neglabel import Candidates, NegativeLabels
 from robustft.methods.base import ConfigMismatchError, OODMethod
-from robustft.methods.neglabel import Candidates, mine_negative_labels
 
 __all__ = ["CIFAR_TEMPLATES", "CLIP_CIFAR_TEMPLATES", "ZeroShotCLIP"]
 
-log = logging.getLogger(__name__)
 
 #: the 18 CIFAR prompt templates of the CLIP paper's evaluation notebook
 CLIP_CIFAR_TEMPLATES = (
@@ -122,13 +119,13 @@ class ZeroShotCLIP(OODMethod):
             if not isinstance(t, str) or t.count("{}") != 1:
                 raise ValueError(f"model.templates: each template needs exactly one '{{}}', got {t!r}")
         self.neg_templates = {str(k): list(v) for k, v in (neg_templates or {}).items()}
+        #: NegLabel's negatives: the component mines, caches embeddings and holds the checkpoint state
+        self.negatives = NegativeLabels(neg_candidates, self.neg_templates, eta=neg_eta, topk=neg_topk)
         self.backbone = CLIPBackbone(clip_model, pretrained, context_length)
         self._num_classes_given = num_classes is not None
         self._class_names: list[str] | None = None
         if class_names is not None:
             self._set_class_names(class_names, "model.class_names")
-        self._negatives: Candidates | None = None
-        self._neg_cat: tuple[tuple[Tensor, ...], Tensor] | None = None
         if pretrained is None and type(self) is ZeroShotCLIP:
             rank_zero_warn(
                 f"ZeroShotCLIP with pretrained=None: '{clip_model}' is randomly initialised, so zero-shot "
@@ -193,50 +190,26 @@ class ZeroShotCLIP(OODMethod):
         """``[K, E]`` ID class embeddings (template ensemble), cached by the backbone."""
         return self.backbone.text_classifier(self.class_names, self.templates)
 
-    def _kind_templates(self, kind: str) -> list[str]:
-        return self.neg_templates.get(kind, self.templates[:1])
-
     @property
     def negative_labels(self) -> Candidates:
         """The mined negative labels ``{kind: [words]}`` (mined on first access)."""
-        if self._negatives is None:
-            self.mine_negatives()
-        assert self._negatives is not None
-        return self._negatives
+        return self.negatives.labels(self.backbone, self.class_names, self.templates)
 
     def mine_negatives(self) -> Candidates:
         """(Re-)run NegMining with the current weights and keep the result."""
-        candidates = self.hparams.neg_candidates
-        kinds = {k: self._kind_templates(k) for k in ("noun", "adj", "any", *self.neg_templates)}
-        self._negatives = mine_negative_labels(
-            self.backbone, self.class_names, candidates, self.templates, kinds,
-            eta=self.hparams.neg_eta, neg_topk=self.hparams.neg_topk,
-        )
-        self._neg_cat = None
-        counts = ", ".join(f"{len(v)} {k}" for k, v in self._negatives.items())
-        log.info("NegLabel: mined %s negative labels", counts)
-        self._check_ngroup()
-        return self._negatives
-
-    def _check_ngroup(self) -> None:
+        words = self.negatives.mine(self.backbone, self.class_names, self.templates)
         ngroup = int(self.score_kwargs.get("neglabel", {}).get("ngroup", 1))
-        n = sum(len(v) for v in (self._negatives or {}).values())
-        if ngroup > max(n, 1):
-            rank_zero_warn(f"NegLabel ngroup={ngroup} exceeds the {n} mined negatives; each forms its own group")
+        if ngroup > max(len(self.negatives), 1):
+            rank_zero_warn(
+                f"NegLabel ngroup={ngroup} exceeds the {len(self.negatives)} mined negatives; each forms its own group"
+            )
+        return words
 
     def negative_text_features(self) -> Tensor:
         """``[N, E]`` negative label embeddings, re-encoded only when the text tower changed."""
-        parts = tuple(
-            self.backbone.text_classifier(words, self._kind_templates(kind))
-            for kind, words in self.negative_labels.items()
-            if words
-        )
-        if self._neg_cat is None or len(self._neg_cat[0]) != len(parts) or any(
-            a is not b for a, b in zip(self._neg_cat[0], parts, strict=True)
-        ):
-            joined = torch.cat(parts) if parts else self.class_text_features()[:0]
-            self._neg_cat = (parts, joined)
-        return self._neg_cat[1]
+        if self.negatives.words is None:
+            self.mine_negatives()
+        return self.negatives.text_features(self.backbone, self.class_names, self.templates)
 
     def forward_eval(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """ONE pass of the vision tower (with local features only when a score reads them)."""
@@ -267,7 +240,7 @@ class ZeroShotCLIP(OODMethod):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CLIP_STATE_KEY] = {"class_names": self._class_names, "negative_labels": self._negatives}
+        checkpoint[CLIP_STATE_KEY] = {"class_names": self._class_names, **self.negatives.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -281,6 +254,4 @@ class ZeroShotCLIP(OODMethod):
                     f"the checkpoint was trained with class names {saved[:5]}... but the model now prompts with "
                     f"{self._class_names[:5]}...; evaluating with the current names"
                 )
-        if state.get("negative_labels") is not None:
-            self._negatives = {k: list(v) for k, v in state["negative_labels"].items()}
-            self._neg_cat = None
+        self.negatives.load_state_dict(state)

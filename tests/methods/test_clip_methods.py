@@ -15,7 +15,7 @@ import open_clip
 import pytest
 import torch
 
-from robustft.backbones.clip import CLIPBackbone
+from robustft.backbones.clip import CLIPBackbone, NegativeLabels
 from robustft.callbacks.export_clip import ExportCLIPWeights
 from robustft.cli import main
 from robustft.data.datamodule import OODDataModule
@@ -234,6 +234,29 @@ def test_negatives_are_mined_once_and_exclude_id_names(pool_file: Path) -> None:
     assert model.negative_labels is negatives
     out = model.forward_eval({"image": _images(2)})
     assert out["neg_cosine"].shape == (2, 2)
+
+
+def test_negative_labels_component_serves_any_clip_model(pool_file: Path) -> None:
+    """NegativeLabels needs only a CLIPBackbone: mined once, embeddings cached until the text tower
+    changes, and its state (the mined words) round-trips through a state dict without re-mining."""
+    torch.manual_seed(0)
+    backbone = CLIPBackbone(MICRO).eval()
+    templates = ["a photo of a {}."]
+    component = NegativeLabels(pool_file, eta=0.95, topk=0.15)
+    words = component.labels(backbone, NAMES, templates)
+    assert words == mine_negative_labels(backbone, NAMES, str(pool_file), templates, eta=0.95, neg_topk=0.15)
+    assert component.labels(backbone, NAMES, templates) is words and len(component) == 2
+    features = component.text_features(backbone, NAMES, templates)
+    assert features.shape[0] == 2
+    assert torch.allclose(features, label_features(backbone, words["noun"], templates), atol=1e-6)
+    assert component.text_features(backbone, NAMES, templates) is features  # cached
+    restored = NegativeLabels(pool_file)
+    restored.load_state_dict(component.state_dict())
+    assert restored.words == words and restored.words is not words
+    with torch.no_grad():
+        backbone.model.ln_final.weight.mul_(1.01)  # a text-tower update re-encodes, never re-mines
+    assert restored.labels(backbone, NAMES, templates) == words
+    assert not torch.equal(restored.text_features(backbone, NAMES, templates), features)
 
 
 def test_mining_keeps_the_candidates_farthest_from_the_id_labels(pool_file: Path) -> None:

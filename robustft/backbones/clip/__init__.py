@@ -33,6 +33,7 @@ from robustft.backbones.clip.model import CLIPBackbone, freeze
 from robustft.backbones.clip.neglabel import (
     DEFAULT_CANDIDATES,
     Candidates,
+    NegativeLabels,
     label_features,
     mine_negative_labels,
     read_candidates,
@@ -52,6 +53,7 @@ __all__ = [
     "freeze",
     "label_features",
     "load_clip_weights",
+    "NegativeLabels",
     "mine_negative_labels",
     "read_candidates",
     "register_clip_configs",

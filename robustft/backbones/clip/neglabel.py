@@ -12,8 +12,9 @@ The bundled pool ``robustft/assets/neglabel_candidates.txt`` (3,845 WordNet noun
 its header and ``tools/make_neglabel_candidates.py``) is smaller than the official ~70k-word WordNet
 pool, so it yields ~650 negatives instead of ~10,000.
 
-Mining needs only a ``CLIPBackbone``, so it lives in the CLIP layer and any CLIP method can call
-:func:`mine_negative_labels` (``robustft.methods.neglabel`` re-exports these names).
+Mining needs only a ``CLIPBackbone``, so it lives in the CLIP layer: any CLIP method composes a
+:class:`NegativeLabels` (mined words + cached embeddings + checkpoint state), or calls
+:func:`mine_negative_labels` directly (``robustft.methods.neglabel`` re-exports these names).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "ANY_KIND",
     "DEFAULT_CANDIDATES",
     "Candidates",
+    "NegativeLabels",
     "label_features",
     "mine_negative_labels",
     "read_candidates",
@@ -192,3 +194,81 @@ def mine_negative_labels(
     finally:
         backbone.train(was_training)
     return mined
+
+
+class NegativeLabels:
+    """NegLabel's negative labels as a component any CLIP method composes (zero-shot, fine-tuned, CLIPN).
+
+    It holds what the mining produced and what it costs to recompute: the mined words (mined once, on
+    first use, from the configured candidate pool with the current weights) and their text embeddings
+    (re-encoded only when the backbone's text tower changed, which ``CLIPBackbone.text_classifier``
+    detects). The words are the component's state: :meth:`state_dict` / :meth:`load_state_dict` put them
+    in a method's checkpoint, so evaluating a checkpoint uses the negatives it was evaluated with.
+
+    Args:
+        candidates: candidate word file (``word`` or ``word<TAB>noun|adj`` lines); ``None``: the bundled pool.
+        kind_templates: templates per candidate kind (``noun``, ``adj``, ``any``); kinds not listed use
+            the first ID template (official NegLabel: ``{noun: ["the nice {}"], adj: ["this is a {} photo"]}``).
+        eta, topk: NegMining quantile η and kept fraction (0.95 and 0.15, as the official code).
+    """
+
+    def __init__(
+        self,
+        candidates: str | os.PathLike[str] | None = None,
+        kind_templates: Mapping[str, Sequence[str]] | None = None,
+        eta: float = 0.95,
+        topk: float = 0.15,
+    ) -> None:
+        self.candidates = candidates
+        self.kind_templates = {str(k): list(v) for k, v in (kind_templates or {}).items()}
+        self.eta = eta
+        self.topk = topk
+        self.words: Candidates | None = None
+        self._encoded: tuple[tuple[Tensor, ...], Tensor] | None = None
+
+    def templates_for(self, kind: str, id_templates: Sequence[str]) -> list[str]:
+        return self.kind_templates.get(kind, list(id_templates[:1]))
+
+    def mine(self, backbone: CLIPBackbone, class_names: Sequence[str], id_templates: Sequence[str]) -> Candidates:
+        """(Re-)run NegMining with the backbone's current weights and keep the result."""
+        kinds = {k: self.templates_for(k, id_templates) for k in ("noun", "adj", ANY_KIND, *self.kind_templates)}
+        self.words = mine_negative_labels(
+            backbone, class_names, self.candidates, id_templates, kinds, eta=self.eta, neg_topk=self.topk
+        )
+        self._encoded = None
+        log.info("NegLabel: mined %s negative labels", ", ".join(f"{len(v)} {k}" for k, v in self.words.items()))
+        return self.words
+
+    def labels(self, backbone: CLIPBackbone, class_names: Sequence[str], id_templates: Sequence[str]) -> Candidates:
+        """The mined words ``{kind: [words]}``, mined on first use."""
+        if self.words is None:
+            self.mine(backbone, class_names, id_templates)
+        assert self.words is not None
+        return self.words
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in (self.words or {}).values())
+
+    def text_features(
+        self, backbone: CLIPBackbone, class_names: Sequence[str], id_templates: Sequence[str]
+    ) -> Tensor:
+        """``[N, E]`` embeddings of the negative labels (kinds concatenated in mining order)."""
+        parts = tuple(
+            backbone.text_classifier(words, self.templates_for(kind, id_templates))
+            for kind, words in self.labels(backbone, class_names, id_templates).items()
+            if words
+        )
+        cached = self._encoded
+        if cached is None or len(cached[0]) != len(parts) or any(a is not b for a, b in zip(cached[0], parts, strict=True)):
+            joined = torch.cat(parts) if parts else backbone.text_classifier(list(class_names), id_templates)[:0]
+            self._encoded = (parts, joined)
+        return self._encoded[1]
+
+    def state_dict(self) -> dict[str, Candidates | None]:
+        return {"negative_labels": None if self.words is None else {k: list(v) for k, v in self.words.items()}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        words = state.get("negative_labels")
+        if words is not None:
+            self.words = {str(k): list(v) for k, v in words.items()}  # type: ignore[union-attr]
+            self._encoded = None
