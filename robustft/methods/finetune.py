@@ -30,7 +30,7 @@ weight_decay: 0.1}}``, ``scheduler: {class_path: robustft.optim.WarmupCosine, in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,8 +124,6 @@ class Finetune(Classifier):
 
     default_score = "msp"
     default_scores = ("msp", "maxlogit", "energy")
-    #: state-dict keys of the linear head (BANG's head temperature divides these)
-    head_state_keys: ClassVar[tuple[str, str]] = ("head.weight", "head.bias")
 
     def __init__(
         self,
