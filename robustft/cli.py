@@ -30,6 +30,7 @@ from robustft.checkpointing import AtomicCheckpointIO, CheckpointFileError, insp
 from robustft.data.datamodule import OODDataModule
 from robustft.data.sources import DataConfigError, DatasetSpec
 from robustft.evaluation.engine import EvaluationConfigError, NonFiniteOutputsError
+from robustft.io import AtomicWriteError
 from robustft.methods.base import ConfigMismatchError, NonFiniteLossError, OODMethod, method_mismatch_message
 from robustft.ood.report import ReportDirError, check_writable
 from robustft.registry import UnknownNameError
@@ -199,6 +200,7 @@ EVAL_TIME_MODEL_ARGS = ("scores", "score_kwargs")
 #: what a user's mistake can raise; these end in one short message instead of a traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ArgumentError,
+    AtomicWriteError,
     CheckpointFileError,
     ConfigFileError,
     ConfigMismatchError,

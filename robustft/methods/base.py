@@ -41,6 +41,7 @@ from torch import Tensor
 
 from robustft.backbones.base import PreprocessConfig
 from robustft.checkpointing import CHECKPOINT_KEY
+from robustft.distributed_failures import raise_on_any_rank
 from robustft.optim import SGD_CIFAR, WARMUP_COSINE, build_optimizer, build_scheduler, callable_spec
 
 
@@ -261,17 +262,22 @@ class OODMethod(pl.LightningModule):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"{type(self).__name__}.training_losses()['{name}'] must be a scalar tensor, got {shape}")
         total = self.total_loss(losses)
+        message = None
         if not bool(torch.isfinite(total)):  # one device sync per step; the terms are inspected only on failure
             bad = [(name, v.item()) for name, v in losses.items() if not bool(torch.isfinite(v))]
             what = ", ".join(f"term '{name}' is {value}" for name, value in bad) or (
                 f"the total of the terms {sorted(losses)} is {total.item()}"
             )
-            raise NonFiniteLossError(
+            message = (
                 f"training loss {what} at global step {self.global_step} (epoch {self.current_epoch}); "
                 "lower the learning rate (model.init_args.optimizer.init_args.lr), check the input "
                 "normalisation, or clip gradients (trainer.gradient_clip_val; under manual optimisation the "
                 "method's manual_clip_val)"
             )
+        # Under DDP every rank raises together (a NaN on one shard must not leave the others waiting in the
+        # gradient all-reduce), the failing rank's message included; costs one tiny all-reduce per step
+        # when world_size > 1, nothing with one process (robustft.distributed_failures).
+        raise_on_any_rank(self._trainer, message, NonFiniteLossError)
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)

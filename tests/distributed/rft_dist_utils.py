@@ -256,3 +256,62 @@ def gather_worker(rank: int, world_size: int, port: int, sizes: list[int], out_d
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------- faults injected by the fault-tolerance tests
+
+
+def _mark(path: str | None, rank: int, what: str) -> None:
+    """Append ``{"what", "rank", "time"}`` to ``path`` (wall clock: the test compares it with its own)."""
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"what": what, "rank": rank, "time": time.time()}) + "\n")
+
+
+class NaNOnRank(pl.Callback):
+    """Fill the images of ONE rank's batch at global step ``step`` with NaN: a bad batch on one shard, so
+    the loss is non-finite on that rank only."""
+
+    def __init__(self, rank: int = 1, step: int = 2, marker: str | None = None) -> None:
+        self.rank, self.step, self.marker = rank, step, marker
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch["image"].fill_(float("nan"))
+            _mark(self.marker, trainer.global_rank, "nan")
+
+
+class FileSizeLimit(pl.Callback):
+    """``ulimit -f`` applied mid-run: after global step ``after_step`` no file this process writes may grow
+    past ``max_bytes`` (a disk that fills up during training). SIGXFSZ is ignored, so a write past the limit
+    fails with ``OSError(EFBIG)`` instead of killing the process."""
+
+    def __init__(self, after_step: int, max_bytes: int, marker: str | None = None) -> None:
+        self.after_step, self.max_bytes, self.marker = after_step, max_bytes, marker
+        self.applied = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not self.applied and trainer.global_step >= self.after_step:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            self.applied = True
+            _mark(self.marker, trainer.global_rank, "disk full")
+
+
+class DieOnRank(pl.Callback):
+    """At global step ``step``: rank ``rank`` exits at once with ``code`` (a crash, an OOM kill), and every
+    other rank stalls for ``stall`` seconds outside any collective (it would not notice the dead peer)."""
+
+    def __init__(self, rank: int = 1, step: int = 1, code: int = 3, stall: float = 120.0,
+                 marker: str | None = None) -> None:
+        self.rank, self.step, self.code, self.stall, self.marker = rank, step, code, stall, marker
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step != self.step:
+            return
+        if trainer.global_rank == self.rank:
+            _mark(self.marker, trainer.global_rank, "exit")
+            os._exit(self.code)
+        time.sleep(self.stall)

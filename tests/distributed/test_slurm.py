@@ -7,6 +7,10 @@ variables srun sets) and a fake ``scontrol`` (records its arguments).
   variables) resumes from that checkpoint's global step. The signal part uses a 1-task job: on a 2-core
   CI machine two ranks receiving the signal at different points of a step make the hpc save (which has a
   barrier) flaky, so the 2-task job covers process-group formation and synchronised training only.
+- The templates launch ``srun --kill-on-bad-exit=1`` (the fake srun honours it): when one task of a
+  2-"node" job exits non-zero while the other stalls outside any collective, srun ends the other task and
+  the job within seconds, with the failing task's exit code.
+- ``configs/trainer/slurm.yaml`` sets the DDP strategy's collective ``timeout`` (10 min), parsed from YAML.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from rft_dist_utils import (
     REPO,
     callback,
@@ -36,14 +42,42 @@ pytestmark = pytest.mark.slow
 
 SLURM_DIR = REPO / "tools" / "slurm"
 
-FAKE_SRUN = """#!/bin/sh
-# fake srun: start SLURM_NTASKS copies of the command here, with the variables srun gives each task
-n=${SLURM_NTASKS:-1}; per=${SLURM_NTASKS_PER_NODE:-1}; i=0; pids=""
-while [ "$i" -lt "$n" ]; do
-  SLURM_PROCID=$i SLURM_LOCALID=$((i % per)) SLURM_NODEID=$((i / per)) "$@" &
-  pids="$pids $!"; i=$((i + 1))
+FAKE_SRUN = """#!/bin/bash
+# fake srun: start SLURM_NTASKS copies of the command here, with the variables srun gives each task.
+# --kill-on-bad-exit[=1] / -K: when a task exits non-zero, the other tasks get SIGTERM and, if still alive
+# FAKE_SRUN_KILL_WAIT seconds later (SLURM's KillWait), SIGKILL; srun exits with the failing task's code.
+kill_on_bad_exit=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --kill-on-bad-exit|--kill-on-bad-exit=1|-K|-K1) kill_on_bad_exit=1; shift ;;
+    --kill-on-bad-exit=0|-K0) kill_on_bad_exit=0; shift ;;
+    -*) echo "fake srun: unsupported option $1" >&2; exit 2 ;;
+    *) break ;;
+  esac
 done
-rc=0; for p in $pids; do wait "$p" || rc=$?; done; exit $rc
+n=${SLURM_NTASKS:-1}; per=${SLURM_NTASKS_PER_NODE:-1}; pids=()
+for ((i = 0; i < n; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$((i % per)) SLURM_NODEID=$((i / per)) "$@" &
+  pids+=($!)
+done
+rc=0
+for ((left = n; left > 0; left--)); do
+  wait -n; status=$?
+  [ "$status" -eq 0 ] && continue
+  [ "$rc" -eq 0 ] && rc=$status
+  echo "srun: error: a task exited with exit code $status" >&2
+  [ "$kill_on_bad_exit" = 1 ] || continue
+  echo "srun: --kill-on-bad-exit: terminating the other tasks of the step" >&2
+  kill -TERM "${pids[@]}" 2>/dev/null
+  for ((t = 0; t < ${FAKE_SRUN_KILL_WAIT:-3} * 10; t++)); do
+    [ -n "$(jobs -rp)" ] || break
+    sleep 0.1
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null
+  wait
+  exit "$rc"
+done
+exit "$rc"
 """
 
 FAKE_SCONTROL = """#!/bin/sh
@@ -98,7 +132,7 @@ def test_sbatch_templates_follow_the_lightning_rules(template: str) -> None:
     assert options["ntasks-per-node"] == options["gpus-per-node"]
     assert int(options["nodes"]) == (1 if template.startswith("single") else 2)
     text = (SLURM_DIR / template).read_text()
-    assert "srun python -m robustft fit" in text
+    assert "srun --kill-on-bad-exit=1 python -m robustft fit" in text
     assert '--trainer.num_nodes "$NODES"' in text and '--trainer.devices "$DEVICES"' in text
     assert 'RUN_DIR=${RUN_ROOT:-runs}/${SLURM_JOB_NAME}' in text and "--ckpt_path" not in text.split("srun")[1]
     subprocess.run(["bash", "-n", str(SLURM_DIR / template)], check=True)
@@ -165,3 +199,51 @@ def test_sigusr1_saves_hpc_checkpoint_requeues_and_the_requeued_job_resumes(tmp_
     assert len(starts) == 2 and starts[1]["global_step"] == saved_step
     assert Path(starts[1]["ckpt_path"]) == hpc
     assert [r["global_step"] for r in records if r["event"] == "end"] == [total_steps]
+
+
+def test_slurm_trainer_config_sets_a_collective_timeout() -> None:
+    """configs/trainer/slurm.yaml: DDP with a 10-minute collective timeout, parsed from YAML by the CLI."""
+    out = subprocess.run(
+        [sys.executable, "-m", "robustft", "fit", "--config", "configs/quickstart.yaml", "--config",
+         "configs/trainer/slurm.yaml", "--print_config"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    strategy = yaml.safe_load(out)["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    assert strategy["init_args"]["timeout"] == "0:10:00"
+
+
+def test_kill_on_bad_exit_ends_the_job_when_one_task_dies(tmp_path: Path) -> None:
+    """Rank 1 exits with code 3 at step 1 while rank 0 stalls outside any collective for 120 s (it would
+    not notice the dead peer before then): srun --kill-on-bad-exit=1 ends rank 0 too, within seconds."""
+    env = _slurm_env(tmp_path, job_id="777", job_name="rft-bad-exit", nodes=2, tasks_per_node=1)
+    marker = tmp_path / "marks.jsonl"
+    record = tmp_path / "record"
+    config = write_config(tmp_path / "job.yaml", tiny_config(
+        tmp_path / "ignored",
+        callbacks=[callback("rft_dist_utils.Recorder", path=str(record)),
+                   callback("rft_dist_utils.DieOnRank", rank=1, step=1, code=3, stall=120, marker=str(marker))],
+        trainer={"max_steps": 4, "limit_val_batches": 0, "enable_checkpointing": False}, scores=("msp",),
+    ))
+    job = subprocess.Popen(["bash", str(SLURM_DIR / "multi_node.sbatch"), str(config), "--trainer.accelerator", "cpu"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        out, _ = job.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        out, _ = job.communicate()
+        raise AssertionError(f"the job did not end\n{out[-6000:]}") from None
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    ended = time.time()
+    died = next(r["time"] for r in read_jsonl(marker) if r["what"] == "exit")
+    print(f"SLURM task death: job exit {job.returncode} {ended - died:.1f}s after rank 1 exited")
+    assert job.returncode == 3, out[-6000:]  # srun (and the job script) exit with the failing task's code
+    assert ended - died < 30, out[-6000:]
+    assert "--kill-on-bad-exit: terminating the other tasks" in out
+    starts = [next(r for r in read_jsonl(Path(f"{record}.rank{k}")) if r["event"] == "start") for k in range(2)]
+    assert all(s["dist_world_size"] == 2 and s["cluster_environment"] == "SLURMEnvironment" for s in starts)
+    for k in range(2):
+        assert not [r for r in read_jsonl(Path(f"{record}.rank{k}")) if r["event"] == "end"]
