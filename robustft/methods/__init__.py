@@ -3,6 +3,7 @@
 from robustft.methods.base import ConfigMismatchError, OODMethod
 from robustft.methods.classifier import Classifier
 from robustft.methods.contrastive_ft import ContrastiveFinetune
+from robustft.methods.dro_ssl import DROSSL
 from robustft.methods.finetune import Finetune
 from robustft.methods.zero_shot import ZeroShotCLIP
 
@@ -10,6 +11,7 @@ __all__ = [
     "Classifier",
     "ConfigMismatchError",
     "ContrastiveFinetune",
+    "DROSSL",
     "Finetune",
     "OODMethod",
     "ZeroShotCLIP",
