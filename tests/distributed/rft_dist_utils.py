@@ -315,3 +315,32 @@ class DieOnRank(pl.Callback):
             _mark(self.marker, trainer.global_rank, "exit")
             os._exit(self.code)
         time.sleep(self.stall)
+
+
+# ------------------------------------------------------------------- kill-and-resume runs
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint with everything in it (loop and datamodule state included)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def start_fit(config: Path, env: dict[str, str], capture: bool = True) -> subprocess.Popen:
+    """``python -m robustft fit --config <config>`` in the background (output captured or discarded)."""
+    return subprocess.Popen(cli_command("fit", "--config", str(config)), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def fit_and_sigkill_after_first_checkpoint(config: Path, last: Path, env: dict[str, str]) -> None:
+    """Run ``fit`` of ``config`` (which should throttle its steps) and SIGKILL it as soon as ``last`` exists,
+    i.e. mid-run; asserts the process died of the signal."""
+    killed = start_fit(config, env, capture=False)
+    try:
+        wait_for(last.exists, timeout=180, what="the first checkpoint of the run to kill", procs=[killed])
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=30)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert killed.returncode == -signal.SIGKILL

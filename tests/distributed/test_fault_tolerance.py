@@ -28,6 +28,7 @@ from rft_dist_utils import (
     REPO,
     callback,
     cli_command,
+    load_checkpoint,
     read_jsonl,
     run_cli,
     subprocess_env,
@@ -91,9 +92,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
     raise AssertionError("a rank of the run was still alive 15 s after the launcher ended")
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-
 
 def _marks(path: Path) -> dict[str, float]:
     return {r["what"]: r["time"] for r in read_jsonl(path)}
@@ -117,7 +115,7 @@ def test_sigkill_of_rank_1_ends_the_run_and_ckpt_path_last_resumes_exactly(tmp_p
           f"on disk: {sorted(p.name for p in last.parent.iterdir())}")
     assert run.returncode != 0 and elapsed < 120, out[-4000:]
     assert not [r for r in read_jsonl(tmp_path / "killed" / "record.rank0") if r["event"] == "end"]
-    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    resumed_from = load_checkpoint(last)["global_step"]
     assert 0 < resumed_from < 2 * STEPS_PER_EPOCH and resumed_from % STEPS_PER_EPOCH != 0  # mid-epoch
     assert not list(last.parent.glob(".*.tmp"))
 
@@ -128,8 +126,8 @@ def test_sigkill_of_rank_1_ends_the_run_and_ckpt_path_last_resumes_exactly(tmp_p
         records = read_jsonl(tmp_path / "killed" / f"record.rank{rank}")
         assert [r["global_step"] for r in records if r["event"] == "start"] == [0, resumed_from]
         assert [r["global_step"] for r in records if r["event"] == "end"] == [2 * STEPS_PER_EPOCH]
-    expected = _state_dict(tmp_path / "reference" / "ckpt" / "last.ckpt")
-    resumed = _state_dict(last)
+    expected = load_checkpoint(tmp_path / "reference" / "ckpt" / "last.ckpt")["state_dict"]
+    resumed = load_checkpoint(last)["state_dict"]
     assert expected.keys() == resumed.keys()
     different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
     assert different == [], f"resumed weights differ from the uninterrupted run in {different[:5]}"
@@ -176,7 +174,7 @@ def test_full_disk_during_a_checkpoint_save_names_the_path_and_keeps_the_previou
     failed = ckpt_dir / "epoch=0-step=4.ckpt"
     assert f"could not write '{failed}': File too large (EFBIG)" in out, out[-4000:]
     assert on_disk == ["epoch=0-step=2.ckpt", "last.ckpt"]  # no temporary file, no half-written checkpoint
-    assert torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
+    assert load_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 2
 
     # the same run without the limit resumes from the previous last.ckpt and finishes
     resume = _config(tmp_path, "resume", [], run="run", every=2)

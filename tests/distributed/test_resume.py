@@ -3,9 +3,6 @@ weights of an uninterrupted run; checkpoint writes are atomic."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,12 +10,13 @@ import torch
 from rft_dist_utils import (
     REPO,
     callback,
-    cli_command,
+    fit_and_sigkill_after_first_checkpoint,
+    load_checkpoint,
     read_jsonl,
     run_cli,
+    start_fit,
     subprocess_env,
     tiny_config,
-    wait_for,
     write_config,
 )
 
@@ -44,30 +42,17 @@ def _config(tmp_path: Path, name: str, throttle: float | None) -> Path:
     return write_config(tmp_path / f"{name}.yaml", config)
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_ckpt_path_last_resumes_exactly(tmp_path: Path) -> None:
     reference_cfg = _config(tmp_path, "reference", throttle=None)
     killed_cfg = _config(tmp_path, "killed", throttle=0.3)
     env = subprocess_env()
-    reference = subprocess.Popen(cli_command("fit", "--config", str(reference_cfg)), cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = subprocess.Popen(cli_command("fit", "--config", str(killed_cfg)), cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
-    try:
-        last = tmp_path / "killed" / "ckpt" / "last.ckpt"
-        wait_for(last.exists, timeout=180, what="the first checkpoint of the run to kill", procs=[killed])
-        os.kill(killed.pid, signal.SIGKILL)
-        killed.wait(timeout=30)
-    finally:
-        if killed.poll() is None:
-            killed.kill()
-    assert killed.returncode == -signal.SIGKILL
+    reference = start_fit(reference_cfg, env)
+    last = tmp_path / "killed" / "ckpt" / "last.ckpt"
+    fit_and_sigkill_after_first_checkpoint(killed_cfg, last, env)
     assert not [r for r in read_jsonl(tmp_path / "killed" / "record.rank0") if r["event"] == "end"]
-    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    resumed_from = load_checkpoint(last)["global_step"]
     assert 0 < resumed_from < STEPS_PER_EPOCH * EPOCHS and resumed_from % STEPS_PER_EPOCH != 0  # mid-epoch
 
     run_cli("fit", "--config", str(killed_cfg), "--ckpt_path", "last", env=env)
@@ -79,8 +64,8 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_resumes_exactly(tmp_path: Path) -
     ends = [r["global_step"] for r in read_jsonl(tmp_path / "killed" / "record.rank0") if r["event"] == "end"]
     assert ends == [STEPS_PER_EPOCH * EPOCHS]
 
-    expected = _state_dict(tmp_path / "reference" / "ckpt" / "last.ckpt")
-    resumed = _state_dict(last)
+    expected = load_checkpoint(tmp_path / "reference" / "ckpt" / "last.ckpt")["state_dict"]
+    resumed = load_checkpoint(last)["state_dict"]
     assert expected.keys() == resumed.keys()
     different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
     assert different == [], f"resumed weights differ from the uninterrupted run in {different[:5]}"

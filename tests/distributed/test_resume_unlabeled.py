@@ -3,22 +3,19 @@ resumed with ``fit --ckpt_path last`` ends with exactly the weights of an uninte
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from rft_dist_utils import (
-    REPO,
     callback,
-    cli_command,
+    fit_and_sigkill_after_first_checkpoint,
+    load_checkpoint,
     read_jsonl,
     run_cli,
+    start_fit,
     subprocess_env,
     tiny_config,
-    wait_for,
     write_config,
 )
 
@@ -57,29 +54,16 @@ def _config(tmp_path: Path, name: str, throttle: float | None) -> Path:
     return write_config(tmp_path / f"{name}.yaml", config)
 
 
-def _checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_with_an_unlabelled_stream_resumes_exactly(tmp_path: Path) -> None:
     reference_cfg = _config(tmp_path, "reference", throttle=None)
     killed_cfg = _config(tmp_path, "killed", throttle=0.3)
     env = subprocess_env()
-    reference = subprocess.Popen(cli_command("fit", "--config", str(reference_cfg)), cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = subprocess.Popen(cli_command("fit", "--config", str(killed_cfg)), cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
-    try:
-        last = tmp_path / "killed" / "ckpt" / "last.ckpt"
-        wait_for(last.exists, timeout=180, what="the first checkpoint of the run to kill", procs=[killed])
-        os.kill(killed.pid, signal.SIGKILL)
-        killed.wait(timeout=30)
-    finally:
-        if killed.poll() is None:
-            killed.kill()
-    assert killed.returncode == -signal.SIGKILL
-    saved = _checkpoint(last)
+    reference = start_fit(reference_cfg, env)
+    last = tmp_path / "killed" / "ckpt" / "last.ckpt"
+    fit_and_sigkill_after_first_checkpoint(killed_cfg, last, env)
+    saved = load_checkpoint(last)
     resumed_from = saved["global_step"]
     assert 0 < resumed_from < STEPS_PER_EPOCH * EPOCHS and resumed_from % STEPS_PER_EPOCH != 0  # mid-epoch
     # the checkpoint holds both streams' positions; the unlabelled one counts every batch trained on
@@ -93,8 +77,8 @@ def test_sigkill_mid_epoch_with_an_unlabelled_stream_resumes_exactly(tmp_path: P
 
     starts = [r for r in read_jsonl(tmp_path / "killed" / "record.rank0") if r["event"] == "start"]
     assert [s["global_step"] for s in starts] == [0, resumed_from]
-    expected = _checkpoint(tmp_path / "reference" / "ckpt" / "last.ckpt")
-    resumed = _checkpoint(last)
+    expected = load_checkpoint(tmp_path / "reference" / "ckpt" / "last.ckpt")
+    resumed = load_checkpoint(last)
     assert resumed["global_step"] == expected["global_step"] == STEPS_PER_EPOCH * EPOCHS
     assert expected["OODDataModule"]["unlabeled_loader"]["batches_done"] == STEPS_PER_EPOCH * EPOCHS
     assert resumed["OODDataModule"]["unlabeled_loader"]["batches_done"] == STEPS_PER_EPOCH * EPOCHS
