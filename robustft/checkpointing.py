@@ -9,6 +9,7 @@ written to a temporary file in the same directory, flushed to disk, and renamed 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -63,8 +64,22 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     flag = f"--ckpt_path '{file}'"
     if not file.is_file():
         raise CheckpointFileError(f"{flag}: no such file; give a checkpoint written by fit (e.g. <run>/checkpoints/last.ckpt)")
+    stat = file.stat()
+    return _inspect(file, str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _inspect(file: Path, resolved: str, mtime_ns: int, size: int) -> CheckpointInfo:
+    """:func:`inspect_checkpoint` of one version of a file (the CLI asks several times per command: a
+    checkpoint of a ViT-B is a gigabyte, so it is read once, and memory-mapped rather than loaded)."""
+    flag = f"--ckpt_path '{file}'"
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception:  # truncated zip, random bytes, a pickle of arbitrary objects, ...
         with open(file, "rb") as handle:
             is_zip = handle.read(4) == b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
