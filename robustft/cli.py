@@ -216,6 +216,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     UnknownNameError,
     WeightsError,
 )
+#: ``--ckpt_path`` values Lightning resolves itself (its checkpoint connector), never file names
+LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "ROBUSTFT_DEBUG"
 
@@ -262,9 +264,7 @@ def _model_from_checkpoint(args: list[str]) -> list[str]:
     if not args or args[0] not in (*EVAL_SUBCOMMANDS, "fit"):
         return args
     ckpt_path = _ckpt_path_arg(args)
-    if ckpt_path is None or (args[0] == "fit" and ckpt_path in ("last", "hpc", "best")):
-        return args
-    if args[0] != "fit" and ckpt_path in ("last", "best"):
+    if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_KEYWORDS:  # resolved by Lightning, not a file
         return args
     info = inspect_checkpoint(ckpt_path)
     return [args[0], f"--model={info.method}", *args[1:]] if args[0] in EVAL_SUBCOMMANDS else args
