@@ -2,7 +2,8 @@
 
 Why a runner and not a shell script: a full offline leaderboard takes hours on a CPU, and a crash, a
 Ctrl-C or a new method must never redo finished work. Each *cell* (one row: a method with its recipe)
-is a list of ``python -m robustft`` steps (``fit``, ``average``, ``evaluate``...). A step that finished
+is a list of ``python -m robustft`` steps (``fit``, ``average``, ``evaluate``...), or ``python <script>``
+steps that prepare data. A step that finished
 leaves a marker holding the exact command it ran; a rerun skips it when the command is unchanged, and a
 ``fit`` that was interrupted resumes from its ``last.ckpt``. Changing a cell's command redoes that step
 and the steps after it, nothing else.
@@ -25,7 +26,9 @@ Cells file (YAML)::
           - evaluate --config configs/quickstart.yaml --ckpt_path {out}/tb/checkpoints/last.ckpt
 
 ``{out}`` is the cell's folder, ``{root}`` the leaderboard's output folder (to read another cell's
-files), and an ``evaluate`` step gets ``--report_dir {out}/report`` unless it names one. Cells without
+files), ``{glob:<pattern>}`` the one file matching the pattern when the step starts (a file named by an
+earlier step, such as ``{glob:{out}/average/averaged_alpha*.ckpt}``), and an ``evaluate`` step gets
+``--report_dir {out}/report`` unless it names one. Cells without
 an ``evaluate`` step (a pre-training that others need) run but make no row.
 
 Run: ``python -m robustft.leaderboard --cells experiments/leaderboard/cells.yaml --out runs/leaderboard
@@ -57,7 +60,8 @@ from robustft.io import atomic_write_text
 __all__ = ["Cell", "LeaderboardError", "build_table", "load_cells", "main", "run_cells", "write_table"]
 
 _CELL_KEYS = {"label", "minutes", "default_score", "needs", "steps", "report"}
-_SUBCOMMANDS = {"fit", "validate", "test", "evaluate", "average"}
+_SUBCOMMANDS = {"fit", "validate", "test", "evaluate", "average", "python"}
+"""What a step may start with: a robustft subcommand, or ``python <script> ...`` for data preparation."""
 
 
 class LeaderboardError(ValueError):
@@ -157,6 +161,23 @@ def _step_done(out: Path, index: int, argv: Sequence[str]) -> dict[str, Any] | N
     return record if record.get("command_sha256") == _command_digest(argv) else None
 
 
+def _resolve_globs(argv: Sequence[str], cell: str) -> list[str]:
+    """``{glob:<pattern>}`` -> the one existing path matching ``<pattern>`` (an output whose name is only
+    known after an earlier step ran, such as ``average``'s ``averaged_alpha<α>.ckpt``). The marker keeps
+    the unresolved pattern, so reuse does not depend on which file an earlier run picked."""
+    resolved = []
+    for arg in argv:
+        if arg.startswith("{glob:") and arg.endswith("}"):
+            pattern = arg[len("{glob:"):-1]
+            matches = sorted(Path("/").glob(pattern.lstrip("/"))) if pattern.startswith("/") else sorted(Path().glob(pattern))
+            if len(matches) != 1:
+                raise LeaderboardError(f"cell '{cell}': {arg} matches {len(matches)} files {[str(m) for m in matches]}; "
+                                       "it must match exactly one (did the step that writes it run?)")
+            arg = str(matches[0])
+        resolved.append(arg)
+    return resolved
+
+
 def _resume_args(argv: list[str], out: Path) -> list[str]:
     """An unfinished ``fit`` resumes from the newest ``last.ckpt`` under the cell's folder."""
     if argv[0] != "fit" or "--ckpt_path" in argv:
@@ -222,14 +243,15 @@ def run_cells(
                  f"robustft {' '.join(argv[:3])} ... | elapsed {_format_minutes(elapsed)}, "
                  f"ETA cell ~{cell.minutes:.0f} min, all ~{_format_minutes(remaining)}")
             out.mkdir(parents=True, exist_ok=True)
-            full = _resume_args(argv, out)
+            full = _resume_args(_resolve_globs(argv, cell.name), out)
             step_start = time.perf_counter()
-            done = subprocess.run([python, "-m", "robustft", *full], check=False)
+            command = [python, *full[1:]] if full[0] == "python" else [python, "-m", "robustft", *full]
+            done = subprocess.run(command, check=False)
             seconds = time.perf_counter() - step_start
             if done.returncode != 0:
                 raise LeaderboardError(
                     f"cell '{cell.name}' step {index + 1} failed (exit {done.returncode}): "
-                    f"python -m robustft {shlex.join(full)}\nFix it and rerun: finished steps are reused."
+                    f"{shlex.join(command)}\nFix it and rerun: finished steps are reused."
                 )
             marker = _marker(out, index)
             marker.parent.mkdir(parents=True, exist_ok=True)

@@ -192,3 +192,25 @@ def test_micro_leaderboard_end_to_end_then_a_rerun_runs_nothing(tmp_path: Path, 
     assert lb.main(args) == 0
     assert (tmp_path / "table" / "leaderboard.md").read_text() == before
     assert os.path.getsize(tmp_path / "table" / "leaderboard.json") > 0
+
+
+def test_glob_placeholders_resolve_when_the_step_starts(tmp_path: Path, fake_python) -> None:
+    python, log = fake_python
+    spec = {"a": {"steps": ["average --x", "evaluate --ckpt_path {glob:{out}/avg/averaged_alpha*.ckpt}"]}}
+    cells, _ = lb.load_cells(_write_cells(tmp_path, spec))
+    root = tmp_path / "runs"
+    with pytest.raises(lb.LeaderboardError, match=r"matches 0 files .* must match exactly one"):
+        lb.run_cells(cells, root, python=python, echo=lambda _: None)
+    chosen = root / "a" / "avg" / "averaged_alpha0.50.ckpt"
+    chosen.parent.mkdir(parents=True)
+    chosen.write_bytes(b"")  # what the average step would have written
+    runs = lb.run_cells(cells, root, python=python, echo=lambda _: None)
+    assert (runs[0].ran, runs[0].reused) == ([1], [0])
+    assert _calls(log)[-1].startswith(f"-m robustft evaluate --ckpt_path {chosen} ")
+
+
+def test_python_steps_run_a_script_with_the_same_interpreter(tmp_path: Path, fake_python) -> None:
+    python, log = fake_python
+    cells, _ = lb.load_cells(_write_cells(tmp_path, {"a": {"steps": ["python tools/prepare.py --out {out}/x.npz"]}}))
+    lb.run_cells(cells, tmp_path / "runs", python=python, echo=lambda _: None)
+    assert _calls(log) == [f"tools/prepare.py --out {tmp_path / 'runs' / 'a' / 'x.npz'}"]
