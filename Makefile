@@ -9,7 +9,7 @@ STAMP := $(VENV)/.robustft-installed
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]'  # dev includes the plots extra (matplotlib)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -20,4 +20,4 @@ quickstart: $(STAMP)
 
 ## The whole test suite (what CI runs).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15

@@ -108,6 +108,10 @@ def test_evaluate_plain_weights_file_without_checkpoint(tmp_path: Path) -> None:
     assert report["id"]["acc"] > 0.75
     for set_name in ("tin", "mnist", "dtd"):
         assert report["ood"][set_name]["msp"]["auroc"] > 0.7
+    # `evaluate` writes the figures beside the report and report.md links them (tests/test_plots.py: contents)
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    for name in ("roc_tin", "roc_mnist", "roc_dtd", "hist_mnist_energy"):
+        assert (tmp_path / "rep" / "figures" / f"{name}.png").is_file() and f"](figures/{name}.png)" in markdown
 
 
 def test_print_config_shows_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:

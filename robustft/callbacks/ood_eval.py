@@ -4,6 +4,11 @@
 ``ModelCheckpoint`` decides what to save, so ``monitor: ood/far/msp/auroc`` works. It evaluates every
 ``every_n_epochs`` epochs and at ``test``; a checkpoint monitoring an OOD key therefore needs the
 same period (or ``every_n_epochs: 1``).
+
+Figures (ROC curves of every score per OOD set, ID-vs-OOD score histograms: :mod:`robustft.plots`) are
+drawn into ``<report_dir>/figures/`` and TensorBoard for the *final* evaluation of ``fit`` and for every
+``test`` / ``evaluate``; ``report.md`` links them. Drawing them costs seconds (one figure per set and
+score), so per-epoch evaluations draw none unless ``plots_every_n_evaluations`` asks for it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from robustft.callbacks.output_dir import resolve_output_dir
-from robustft.callbacks.plots import log_score_plots
+from robustft.callbacks.plots import write_result_figures
 from robustft.checkpointing import file_sha256
 from robustft.data.datamodule import OODDataModule
 from robustft.evaluation.engine import EvaluationResult, check_evaluable, evaluate_model
@@ -45,7 +50,11 @@ class OODEvaluation(pl.Callback):
     Args:
         every_n_epochs: evaluation period during ``fit`` (0 = only at ``test``).
         report_dir: where the latest report files go (default ``<log_dir>/ood_report``).
-        plots: log per-set score histograms and ROC curves to TensorBoard (on the default score).
+        plots: draw the figures (``figures/roc_<set>.png``, ``figures/hist_<set>_<score>.png`` beside the
+            report, and the same in TensorBoard) at the end of ``fit`` and at ``test`` / ``evaluate``.
+            Needs matplotlib (the ``plots`` extra); without it the figures are skipped with one warning.
+        plots_every_n_evaluations: also draw them at every N-th per-epoch evaluation of ``fit``
+            (0, the default: at the end only, so per-epoch evaluation pays nothing for figures).
         tune: tune score hyper-parameters on the OOD *validation* sets before each evaluation.
         epoch_max_samples: during ``fit``, evaluate a fixed seeded subset of at most this many samples
             of the ID test set and of each OOD set (the same subset every epoch), so that monitoring
@@ -61,13 +70,21 @@ class OODEvaluation(pl.Callback):
         plots: bool = True,
         tune: bool = False,
         epoch_max_samples: int | None = None,
+        plots_every_n_evaluations: int = 0,
     ):
         super().__init__()
         if every_n_epochs < 0:
             raise ValueError(f"OODEvaluation.every_n_epochs must be >= 0, got {every_n_epochs}")
         if epoch_max_samples is not None and epoch_max_samples < 1:
             raise ValueError(f"OODEvaluation.epoch_max_samples must be >= 1 or null, got {epoch_max_samples}")
+        if plots_every_n_evaluations < 0:
+            raise ValueError(
+                f"OODEvaluation.plots_every_n_evaluations must be >= 0 (0 = figures at the end only), got {plots_every_n_evaluations}"
+            )
         self.every_n_epochs = every_n_epochs
+        self.plots_every_n_evaluations = plots_every_n_evaluations
+        self._fit_evaluations = 0
+        self._figures_drawn = False  # whether the figures on disk belong to ``last_result``
         self.epoch_max_samples = epoch_max_samples
         self.report_dir = report_dir
         self.plots = plots
@@ -94,6 +111,8 @@ class OODEvaluation(pl.Callback):
         if not isinstance(pl_module, OODMethod):
             raise TypeError(f"OODEvaluation needs an OODMethod, got {type(pl_module).__name__}")
         self._resolved_report_dir = None
+        self._fit_evaluations = 0
+        self._figures_drawn = False
         report_dir = self._report_dir(trainer)  # every rank: may broadcast
         datamodule = self._datamodule(trainer)
         datamodule.setup(stage)
@@ -101,7 +120,14 @@ class OODEvaluation(pl.Callback):
         if trainer.is_global_zero:
             check_writable(report_dir)
 
-    def _run(self, trainer: pl.Trainer, pl_module: OODMethod, max_samples: int | None = None, log: bool = True) -> None:
+    def _run(
+        self,
+        trainer: pl.Trainer,
+        pl_module: OODMethod,
+        max_samples: int | None = None,
+        log: bool = True,
+        figures: bool = False,
+    ) -> None:
         result = evaluate_model(
             pl_module,
             self._datamodule(trainer),
@@ -114,9 +140,12 @@ class OODEvaluation(pl.Callback):
         if log:
             # identical on every rank (outputs are gathered), so no cross-rank reduction is needed
             pl_module.log_dict(flatten_report(result.report), sync_dist=False, rank_zero_only=False)
+        self._figures_drawn = False
         if trainer.is_global_zero:
-            write_report(result.report, self._report_dir(trainer))
-            self._plot(trainer, pl_module, result)
+            if figures:
+                self._write_figures(trainer)
+            else:
+                write_report(result.report, self._report_dir(trainer))
 
     def _meta(self, trainer: pl.Trainer, pl_module: OODMethod) -> dict:
         """Which weights the report describes: the training position during ``fit``; the checkpoint's
@@ -135,26 +164,28 @@ class OODEvaluation(pl.Callback):
             "checkpoint_sha256": self._checkpoint_digest[1],
         }
 
-    def _plot(self, trainer: pl.Trainer, pl_module: OODMethod, result: EvaluationResult) -> None:
-        if not self.plots:
-            return
-        score = pl_module.default_score if pl_module.default_score in result.id_scores else next(iter(result.id_scores))
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for set_name, scores in result.ood_scores.items():
-                    log_score_plots(
-                        logger.experiment, f"scores/{set_name}/{score}", result.id_scores[score], scores[score],
-                        trainer.global_step,
-                    )
+    def _write_figures(self, trainer: pl.Trainer) -> None:
+        """Rank 0: the figures of ``last_result`` (when ``plots``), then its report files linking them."""
+        assert self.last_result is not None
+        directory = self._report_dir(trainer)
+        figures: list[str] = []
+        if self.plots:
+            writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+            figures = write_result_figures(self.last_result, directory, writers, trainer.global_step)
+        write_report(self.last_result.report, directory, figures=figures)
+        self._figures_drawn = True
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.every_n_epochs == 0:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.current_epoch + 1 == trainer.max_epochs:
-            self._run(trainer, pl_module, max_samples=self.epoch_max_samples)
+            self._fit_evaluations += 1
+            every = self.plots_every_n_evaluations
+            figures = self.plots and every > 0 and self._fit_evaluations % every == 0
+            self._run(trainer, pl_module, max_samples=self.epoch_max_samples, figures=figures)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run(trainer, pl_module)
+        self._run(trainer, pl_module, figures=True)
         self._print(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -162,7 +193,10 @@ class OODEvaluation(pl.Callback):
         # on_train_end still runs on the training device with every rank alive (on_fit_end comes after
         # the strategy's teardown); Lightning allows no self.log here, the report files carry it.
         if self.epoch_max_samples is not None and self.every_n_epochs > 0:
-            self._run(trainer, pl_module, max_samples=None, log=False)
+            self._run(trainer, pl_module, max_samples=None, log=False, figures=True)
+        elif self.last_result is not None and not self._figures_drawn and trainer.is_global_zero:
+            # the last per-epoch evaluation already covered the full sets: draw its figures once, now
+            self._write_figures(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._print(trainer)

@@ -226,7 +226,7 @@ def format_table(report: Mapping[str, Any]) -> str:
     return "\n".join([_id_line(report), line(header), rule, *(line(r) for r in body)])
 
 
-def _markdown(report: Mapping[str, Any]) -> str:
+def _markdown(report: Mapping[str, Any], figures: Sequence[str] = ()) -> str:
     header = _table_header()
     lines = [
         "# OOD evaluation report",
@@ -241,6 +241,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _LEGEND, ""]
+    if figures:  # paths relative to report.md (robustft.callbacks.plots writes them)
+        lines += ["## Figures", "", *(f"![{Path(f).stem}]({Path(f).as_posix()})" for f in figures), ""]
     if report.get("meta"):
         lines += ["## Meta", "", "```json", _json(report["meta"]).rstrip(), "```", ""]
     return "\n".join(lines)
@@ -306,14 +308,17 @@ def check_writable(report_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_report(report: Mapping[str, Any], report_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def write_report(
+    report: Mapping[str, Any], report_dir: str | os.PathLike[str], figures: Sequence[str] = ()
+) -> dict[str, Path]:
     """Write ``report.json``, ``report.csv`` and ``report.md`` into ``report_dir`` atomically.
+    ``figures``: PNG paths relative to ``report_dir`` that ``report.md`` shows (section "Figures").
 
     Returns ``{"json": path, "csv": path, "md": path}``. Everything is rendered in memory first, so
     a serialisation error leaves no file behind.
     """
     directory = check_writable(report_dir)
-    contents = {"json": _json(report), "csv": _csv(report), "md": _markdown(report)}
+    contents = {"json": _json(report), "csv": _csv(report), "md": _markdown(report, figures)}
     paths = {kind: directory / f"report.{kind}" for kind in contents}
     for kind, text in contents.items():
         _atomic_write(paths[kind], text)
