@@ -2,12 +2,14 @@
 
 from robustft.methods.base import ConfigMismatchError, OODMethod
 from robustft.methods.classifier import Classifier
+from robustft.methods.clipn import CLIPN
 from robustft.methods.contrastive_ft import ContrastiveFinetune
 from robustft.methods.dro_ssl import DROSSL
 from robustft.methods.finetune import Finetune
 from robustft.methods.zero_shot import ZeroShotCLIP
 
 __all__ = [
+    "CLIPN",
     "Classifier",
     "ConfigMismatchError",
     "ContrastiveFinetune",
