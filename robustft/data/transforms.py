@@ -78,6 +78,19 @@ def random_resized_crop(cfg: PreprocessConfig) -> Callable:
     )
 
 
+@TRAIN_TRANSFORMS.register("random_resized_crop_full")
+def random_resized_crop_full(cfg: PreprocessConfig) -> Callable:
+    """Dassl/CoOp's ``random_resized_crop`` + ``random_flip``: scale 0.08-1 (torchvision's default), so
+    views range from the whole image to small patches of background (Local-Prompt's negative views)."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(cfg.image_size, scale=(0.08, 1.0), interpolation=_interpolation(cfg)),
+            T.RandomHorizontalFlip(),
+            *_to_normalised_tensor(cfg),
+        ]
+    )
+
+
 @TRAIN_TRANSFORMS.register("simclr")
 def simclr(cfg: PreprocessConfig) -> Callable:
     """The SimCLR / SupCon augmentation that PALM and LOOK train with (PALM's CIFAR recipe): random resized

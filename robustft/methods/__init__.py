@@ -6,6 +6,7 @@ from robustft.methods.clipn import CLIPN
 from robustft.methods.contrastive_ft import ContrastiveFinetune
 from robustft.methods.dro_ssl import DROSSL
 from robustft.methods.finetune import Finetune
+from robustft.methods.local_prompt import LocalPrompt
 from robustft.methods.zero_shot import ZeroShotCLIP
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ContrastiveFinetune",
     "DROSSL",
     "Finetune",
+    "LocalPrompt",
     "OODMethod",
     "ZeroShotCLIP",
 ]
