@@ -6,6 +6,7 @@ from robustft.methods.clipn import CLIPN
 from robustft.methods.contrastive_ft import ContrastiveFinetune
 from robustft.methods.dro_ssl import DROSSL
 from robustft.methods.finetune import Finetune
+from robustft.methods.levi import LEVI
 from robustft.methods.local_prompt import LocalPrompt
 from robustft.methods.zero_shot import ZeroShotCLIP
 
@@ -16,6 +17,7 @@ __all__ = [
     "ContrastiveFinetune",
     "DROSSL",
     "Finetune",
+    "LEVI",
     "LocalPrompt",
     "OODMethod",
     "ZeroShotCLIP",
