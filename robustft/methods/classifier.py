@@ -69,7 +69,10 @@ class Classifier(OODMethod):
         self.head = nn.Linear(self.backbone.feature_dim, num_classes)
         self._init_head_from_weights(getattr(self.backbone, "pretrained_head", None) or {})
         if freeze_backbone:
+            # eval mode now, not only in train(): Lightning >= 2.2 keeps the modes a module was built with
+            # and never calls train() at fit start, so a frozen backbone's BatchNorm statistics would drift
             self.backbone.requires_grad_(False)
+            self.backbone.eval()
 
     def _init_head_from_weights(self, head: dict[str, Tensor]) -> None:
         if not head:

@@ -123,6 +123,18 @@ def test_freeze_backbone_trains_the_head_only(real_batch: dict) -> None:
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == 64 * 10 + 10
 
 
+def test_frozen_backbone_batchnorm_is_unchanged_by_a_real_fit() -> None:
+    """Through Lightning's own loop, which never calls ``train()`` at fit start (Lightning >= 2.2): a model
+    built in train mode used to fit its frozen backbone's BatchNorm statistics to the data."""
+    torch.manual_seed(0)
+    model = Classifier(num_classes=10, freeze_backbone=True, scores=["msp"])
+    before = _bn_state(model.backbone)
+    trainer(fast_dev_run=3).fit(model, datamodule=small_datamodule())
+    assert not model.backbone.training
+    for key, value in _bn_state(model.backbone).items():
+        assert torch.equal(before[key], value), key
+
+
 def test_unfrozen_backbone_updates_batchnorm(real_batch: dict) -> None:
     """The counterpart of the frozen case, so the check above is meaningful."""
     torch.manual_seed(0)
