@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from robustft.backbones.base import PreprocessConfig
 from robustft.data.fewshot import few_shot_indices, split_after_shots
-from robustft.data.sources import DataConfigError, DatasetSpec, LabeledImages, load_dataset
+from robustft.data.sources import (
+    DataConfigError,
+    DatasetSpec,
+    LabeledImages,
+    LabelMap,
+    apply_label_map,
+    load_dataset,
+)
 from robustft.data.transforms import TRAIN_TRANSFORMS, apply_views, eval_transform, train_transform
 from robustft.data.unlabeled import UnlabeledImages, UnlabeledLoader, UnlabeledStream
 from robustft.ood.report import GROUP_ROW_SET
@@ -212,6 +219,12 @@ class OODDataModule(pl.LightningDataModule):
             are kept as ``true_label`` for diagnostics only), delivered next to the labelled stream
             (module docstring; :mod:`robustft.data.unlabeled`). They get the training transform and ``n_views``.
         unlabeled_batch_size: batch size of the unlabelled stream (per process; default ``batch_size``).
+        label_map: train on coarse classes: map the ID sets' (train / val / test) fine classes to
+            superclasses, either one coarse id per fine class id (``[1, 1, 0, 0, 0, 0, 0, 0, 1, 1]``:
+            CIFAR-10 vehicles = 1, animals = 0) or ``{coarse name: [fine class names or ids]}`` (dict
+            order = coarse ids). ``model.num_classes`` is then the number of superclasses. OOD sets are
+            untouched. Checked against each set's class names when it loads
+            (:func:`robustft.data.sources.resolve_label_map`).
     """
 
     def __init__(
@@ -234,6 +247,7 @@ class OODDataModule(pl.LightningDataModule):
         shots_seed: int | None = None,
         unlabeled: dict[str, DatasetSpec] | list[DatasetSpec] | None = None,
         unlabeled_batch_size: int | None = None,
+        label_map: LabelMap | None = None,
     ) -> None:
         super().__init__()
         try:
@@ -282,6 +296,12 @@ class OODDataModule(pl.LightningDataModule):
         self.shots_per_class = shots_per_class
         self.shots_seed = seed if shots_seed is None else shots_seed
         self.unlabeled_specs = _unlabeled_specs(unlabeled)
+        if label_map is not None and (isinstance(label_map, str) or not isinstance(label_map, (list, tuple, dict))):
+            raise DataConfigError(
+                "data.label_map: give a list with one coarse id per fine class or {coarse name: [fine class names]}, "
+                f"got {type(label_map).__name__}"
+            )
+        self.label_map = label_map
         self.unlabeled_batch_size = batch_size if unlabeled_batch_size is None else unlabeled_batch_size
         self._cache: dict[tuple, CachedDataset] = {}
         self._loaded: dict[str, LabeledImages] = {}
@@ -291,7 +311,10 @@ class OODDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------------- loading
     def _load(self, key: str, spec: DatasetSpec, field_name: str) -> LabeledImages:
         if key not in self._loaded:
-            self._loaded[key] = load_dataset(spec, field_name)
+            dataset = load_dataset(spec, field_name)
+            if getattr(self, "label_map", None) is not None and key in ("train", "val", "test"):
+                dataset = apply_label_map(dataset, self.label_map, field_name)  # coarse ID classes
+            self._loaded[key] = dataset
         return self._loaded[key]
 
     @property

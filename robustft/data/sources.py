@@ -371,3 +371,108 @@ def load_dataset(spec: DatasetSpec, field_name: str) -> LabeledImages:
     if len(keep) < len(dataset):
         dataset = dataset.subset(keep)
     return dataset
+
+
+# ---------------------------------------------------------------------------------------------------
+# coarse labels: a class-to-superclass map applied to the ID sets (``data.label_map``)
+
+#: ``data.label_map``: one coarse id per fine class id (``[1, 1, 0, ...]``), or ``{coarse name: [fine class
+#: names or ids]}`` (dict order gives the coarse ids)
+LabelMap = list[int] | dict[str, list[int | str]]
+
+
+class RelabeledImages(LabeledImages):
+    """A dataset whose labels are mapped to coarse classes; images (and captions) are the base's.
+
+    ``fine_labels`` / ``fine_class_names`` keep the original labels, e.g. for a fine-class probe
+    diagnostic. Pre-training on superclasses and probing the fine classes is LOOK's transfer test.
+    """
+
+    def __init__(self, base: LabeledImages, mapping: np.ndarray, class_names: Sequence[str]) -> None:
+        self.base = base
+        self.mapping = np.asarray(mapping, dtype=np.int64)
+        self.fine_labels = np.asarray(base.labels, dtype=np.int64)
+        self.fine_class_names = list(base.class_names)
+        self.labels = self.mapping[self.fine_labels]
+        self.class_names = [str(c) for c in class_names]
+        self.texts = base.texts
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.base.load_image(index)
+
+    def subset(self, indices: np.ndarray) -> RelabeledImages:
+        return RelabeledImages(self.base.subset(indices), self.mapping, self.class_names)  # type: ignore[attr-defined]
+
+
+def resolve_label_map(
+    label_map: LabelMap, class_names: Sequence[str], set_field: str, field_name: str = "data.label_map"
+) -> tuple[np.ndarray, list[str]]:
+    """``(mapping [K_fine] -> coarse id, coarse class names)`` of ``label_map`` for a set whose fine
+    classes are ``class_names``; every fine class must land in exactly one coarse class and every coarse
+    class must get at least one fine class.
+
+    Raises:
+        DataConfigError: naming ``field_name`` and ``set_field`` and saying the fix.
+    """
+    fine = [str(c) for c in class_names]
+    k = len(fine)
+    where = f"{field_name} (applied to {set_field}, {k} classes)"
+    if isinstance(label_map, dict):
+        if not label_map:
+            raise DataConfigError(f"{where}: the mapping is empty; give {{coarse name: [fine class names or ids]}}")
+        mapping = np.full(k, -1, dtype=np.int64)
+        for coarse, (name, members) in enumerate(label_map.items()):
+            if isinstance(members, (str, int)) or not isinstance(members, Sequence) or not len(members):
+                raise DataConfigError(
+                    f"{where}: coarse class '{name}' needs a non-empty list of fine class names or ids, got {members!r}"
+                )
+            for member in members:
+                if isinstance(member, bool) or not isinstance(member, (str, int, np.integer)):
+                    raise DataConfigError(f"{where}: '{name}' lists {member!r}; give fine class names or integer ids")
+                if isinstance(member, str):
+                    if member not in fine:
+                        raise DataConfigError(
+                            f"{where}: '{name}' lists '{member}', which is not a class of {set_field} "
+                            f"(its classes: {fine}); fix the name or give the class id"
+                        )
+                    fid = fine.index(member)
+                else:
+                    fid = int(member)
+                    if not 0 <= fid < k:
+                        raise DataConfigError(f"{where}: '{name}' lists class id {fid}; ids are 0..{k - 1}")
+                if mapping[fid] >= 0 and mapping[fid] != coarse:
+                    raise DataConfigError(
+                        f"{where}: class '{fine[fid]}' is listed under both '{list(label_map)[mapping[fid]]}' "
+                        f"and '{name}'; put every fine class in exactly one coarse class"
+                    )
+                mapping[fid] = coarse
+        missing = [fine[i] for i in np.flatnonzero(mapping < 0)]
+        if missing:
+            raise DataConfigError(f"{where}: classes {missing} are in no coarse class; add each to one of {list(label_map)}")
+        return mapping, [str(n) for n in label_map]
+    if isinstance(label_map, str) or not isinstance(label_map, Sequence):
+        raise DataConfigError(
+            f"{where}: give a list with one coarse id per fine class (e.g. [1, 1, 0, 0, 0, 0, 0, 0, 1, 1]) or "
+            f"{{coarse name: [fine class names]}}, got {type(label_map).__name__}"
+        )
+    values = list(label_map)
+    if len(values) != k:
+        raise DataConfigError(
+            f"{where}: the list has {len(values)} entries but {set_field} has {k} classes; give one coarse id per fine class"
+        )
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0]
+    if bad:
+        raise DataConfigError(f"{where}: entries must be integer coarse ids >= 0, got {bad[0]!r}")
+    mapping = np.asarray(values, dtype=np.int64)
+    unused = sorted(set(range(int(mapping.max()) + 1)) - set(mapping.tolist()))
+    if unused:
+        raise DataConfigError(
+            f"{where}: coarse ids must be 0..S-1 with every id used; {unused} are unused (a class without data); renumber"
+        )
+    return mapping, [str(i) for i in range(int(mapping.max()) + 1)]
+
+
+def apply_label_map(dataset: LabeledImages, label_map: LabelMap, set_field: str) -> RelabeledImages:
+    """``dataset`` with its labels mapped by ``label_map`` (:func:`resolve_label_map`)."""
+    mapping, names = resolve_label_map(label_map, dataset.class_names, set_field)
+    return RelabeledImages(dataset, mapping, names)

@@ -8,6 +8,7 @@ from robustft.methods.dro_ssl import DROSSL
 from robustft.methods.finetune import Finetune
 from robustft.methods.levi import LEVI
 from robustft.methods.local_prompt import LocalPrompt
+from robustft.methods.look import LOOK
 from robustft.methods.zero_shot import ZeroShotCLIP
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "DROSSL",
     "Finetune",
     "LEVI",
+    "LOOK",
     "LocalPrompt",
     "OODMethod",
     "ZeroShotCLIP",
