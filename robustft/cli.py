@@ -8,8 +8,10 @@ registered as a subcommand, so it parses exactly like ``fit``.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ from robustft.callbacks.ood_eval import OODEvaluation
 from robustft.checkpointing import AtomicCheckpointIO, CheckpointFileError, inspect_checkpoint
 from robustft.data.datamodule import OODDataModule
 from robustft.data.sources import DataConfigError, DatasetSpec
-from robustft.evaluation.engine import EvaluationConfigError, NonFiniteOutputsError
+from robustft.evaluation.engine import CaptureTestOutputs, EvaluationConfigError, NonFiniteOutputsError
 from robustft.io import AtomicWriteError
 from robustft.methods.base import ConfigMismatchError, NonFiniteLossError, OODMethod, method_mismatch_message
 from robustft.ood.report import ReportDirError, check_writable
@@ -46,7 +48,10 @@ class ConfigFileError(ValueError):
 
 
 class RobustTrainer(pl.Trainer):
-    """``lightning.pytorch.Trainer`` with atomic checkpoints and an ``evaluate`` entry point."""
+    """``lightning.pytorch.Trainer`` with atomic checkpoints and an ``evaluate`` entry point.
+
+    ``test`` / ``evaluate`` forward each ID test sample once: :class:`~robustft.evaluation.engine.CaptureTestOutputs`
+    hands the test loop's outputs to the OOD evaluation at the end of the test epoch."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         plugins = kwargs.get("plugins") or []
@@ -54,6 +59,11 @@ class RobustTrainer(pl.Trainer):
         if not any(isinstance(p, pl.plugins.CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
+        callbacks = kwargs.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        if not any(isinstance(c, CaptureTestOutputs) for c in callbacks):
+            callbacks.append(CaptureTestOutputs())
+        kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
 
     def fit(self, model: pl.LightningModule, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> None:
@@ -256,6 +266,43 @@ def check_config_files(args: Sequence[str]) -> None:
             raise ConfigFileError(f"--config '{value}': YAML syntax error{where}: {problem}; fix the file") from None
 
 
+def _bare_class_names(args: Sequence[str]) -> set[str]:
+    """Class names given without their module (``ZeroShotCLIP``) on the command line or in ``--config`` files."""
+    found: list[Any] = _flag_value(args, "--model", "--model.class_path", "--model.help", "--data", "--data.class_path")
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            found.append(node.get("class_path"))
+            found.extend(node.get(key) for key in ("model", "data"))  # the `model: ClassName` shorthand
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    for value in _flag_value(args, "--config", "-c"):
+        path = Path(value)
+        if path.is_file():
+            collect(yaml.safe_load(path.read_text()))
+    return {name for name in found if isinstance(name, str) and name.isidentifier()}
+
+
+def import_named_methods(args: Sequence[str]) -> None:
+    """Import the modules of the methods a command names by bare class name, before parsing.
+
+    jsonargparse resolves a bare name only among subclasses already imported. ``robustft.methods`` may
+    export a method lazily (a PEP 562 ``__getattr__``: e.g. the CLIP methods, so that a ResNet run or
+    ``--help`` never imports open_clip); reading the attribute imports its module. A no-op for a name
+    that is already imported or is not a method."""
+    import robustft.methods as methods
+
+    for name in _bare_class_names(args):
+        try:
+            getattr(methods, name)
+        except AttributeError:
+            pass
+
+
 def _model_from_checkpoint(args: list[str]) -> list[str]:
     """Let ``evaluate --ckpt_path X`` run without a model section: default ``--model`` to the checkpoint's
     method class. Inserted right after the subcommand, so a model in the user's config still wins (and
@@ -330,6 +377,7 @@ class RobustFTCLI(LightningCLI):
             args = list(sys.argv[1:] if args is None else args)
             check_config_files(args)
             args = _model_from_checkpoint(args)
+            import_named_methods(args)
         self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
@@ -393,9 +441,38 @@ def redirect_outputs(trainer_config: Any, subcommand: str) -> None:
             init_args.name = f"{init_args.get('name') or 'lightning_logs'}/{subcommand}"
 
 
+#: Lightning's console advertising for its cloud products, logged at info level on every run
+ADVERT_PREFIX = "\N{ELECTRIC LIGHT BULB} Tip:"
+#: warnings printed on every run that the user cannot act on: (message regex, category, module regex)
+UNACTIONABLE_WARNINGS = (
+    # Lightning 2.6's batch-size/pytree helper builds torch's deprecated LeafSpec on every fit/test step;
+    # it is Lightning's call into torch, not one of ours, and goes away with a Lightning update
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(ADVERT_PREFIX)
+
+
+def quiet_console() -> None:
+    """A console that shows what matters: no advertising tips, no warnings nobody can act on.
+
+    Only the exact messages above are dropped; every other warning (including Lightning's real ones,
+    e.g. ``log_every_n_steps`` larger than the epoch) still prints. Idempotent."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdverts) for f in logger.filters):
+            logger.addFilter(_DropAdverts())
+    for message, category, module in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> RobustFTCLI:
     """Build and run the CLI; ``args`` lets tests drive the real CLI in-process. Errors propagate (use
     :func:`cli_main` for the command-line behaviour)."""
+    quiet_console()
     return RobustFTCLI(
         OODMethod,
         OODDataModule,

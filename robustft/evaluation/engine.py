@@ -3,21 +3,33 @@
 Shared by the per-epoch :class:`~robustft.callbacks.OODEvaluation` callback and the ``evaluate``
 subcommand, so the two can never disagree. Each sample goes through ``forward_eval`` exactly once;
 every score is computed from those cached outputs.
+
+``test`` / ``evaluate`` run Lightning's test loop over the ID test set (it logs ``test/acc``) and then the
+OOD evaluation at the end of that epoch. :class:`CaptureTestOutputs` (which ``RobustTrainer`` always has)
+keeps the test loop's own ``forward_eval`` outputs, and :func:`evaluate_model` uses them as the ID test
+outputs instead of forwarding the ID test set a second time; ``test/acc`` and the report's ``id.acc``
+then come from the same logits. Anything that makes those outputs unusable (a ``test_step`` that does
+not forward each sample once, ``limit_test_batches``, other dataloaders) falls back to a second pass,
+which is slower but never wrong.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from robustft.data.datamodule import OODDataModule, sample_eval_set
-from robustft.evaluation.distributed import ShardSampler, gather_by_index, world
+from robustft.evaluation.distributed import ShardSampler, _all_gather_uneven, gather_by_index, world
 from robustft.methods.base import OODMethod
 from robustft.ood.metrics import ood_metrics
 from robustft.ood.report import build_report
@@ -106,6 +118,125 @@ def collect_outputs(
     return gathered
 
 
+class _CapturedForwards:
+    """The per-batch ``forward_eval`` outputs of one test epoch, recorded by an instance-level wrapper.
+
+    ``valid`` turns false as soon as a call cannot be one batch of the ID test set (no ``index`` or
+    ``label``, an output missing or not one row per sample); the outputs are then never used."""
+
+    def __init__(self, model: OODMethod) -> None:
+        self.keys = set(model.output_keys())
+        self.chunks: list[dict[str, Tensor]] = []
+        self.valid = True
+        original: Callable[[dict[str, Tensor]], dict[str, Tensor]] = model.forward_eval
+
+        def forward_eval(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            outputs = original(batch)
+            self.record(batch, outputs)
+            return outputs
+
+        self.wrapper = forward_eval
+
+    def record(self, batch: Any, outputs: Mapping[str, Tensor]) -> None:
+        if not self.valid:
+            return
+        index = batch.get("index") if isinstance(batch, Mapping) else None
+        labels = batch.get("label") if isinstance(batch, Mapping) else None
+        if not isinstance(index, Tensor) or not isinstance(labels, Tensor) or not self.keys <= set(outputs):
+            self.valid = False
+            return
+        chunk = {k: outputs[k].detach() for k in self.keys}
+        chunk = {k: v.float() if v.is_floating_point() else v for k, v in chunk.items()}
+        chunk["labels"], chunk["index"] = labels, index
+        if any(v.ndim == 0 or v.shape[0] != index.shape[0] for v in chunk.values()):
+            self.valid = False
+            return
+        self.chunks.append(chunk)
+
+
+#: the capture of each model's running test epoch (weak: a model dropped mid-test leaves nothing behind)
+_CAPTURES: weakref.WeakKeyDictionary[OODMethod, _CapturedForwards] = weakref.WeakKeyDictionary()
+
+
+class CaptureTestOutputs(pl.Callback):
+    """Record the test loop's ``forward_eval`` outputs so that the OOD evaluation at the end of the test
+    epoch reuses them for the ID test set (:func:`captured_test_outputs`) instead of forwarding it again.
+
+    Installs a wrapper around the module's ``forward_eval`` (an instance attribute, so ``test_step``'s
+    ``self.forward_eval(batch)`` goes through it) from ``on_test_epoch_start`` to ``on_test_end``. Added
+    to every ``RobustTrainer``; with a plain ``Trainer`` the evaluation simply forwards the set itself.
+    """
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(pl_module, OODMethod):
+            self._remove(pl_module)
+            capture = _CapturedForwards(pl_module)
+            pl_module.forward_eval = capture.wrapper  # type: ignore[method-assign]
+            _CAPTURES[pl_module] = capture
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove(pl_module)
+
+    @staticmethod
+    def _remove(pl_module: pl.LightningModule) -> None:
+        capture = _CAPTURES.pop(pl_module, None) if isinstance(pl_module, OODMethod) else None
+        if capture is not None and pl_module.__dict__.get("forward_eval") is capture.wrapper:
+            del pl_module.forward_eval
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """``flag`` on every rank (a collective: every rank must call it)."""
+    _, world_size = world()
+    if world_size == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def captured_test_outputs(model: OODMethod, datamodule: OODDataModule, device: torch.device) -> dict[str, Tensor] | None:
+    """The running test loop's outputs over the full ID test set, gathered and ordered by index like
+    :func:`collect_outputs`'s, or ``None`` when there are none to reuse (then the caller forwards the set).
+
+    Not reused for a method that overrides ``fit_reference`` (its outputs may depend on the fit, which
+    comes after the test loop). Under DDP, Lightning's ``DistributedSampler`` pads the ranks with repeats of the first samples; the
+    gathered repeats are dropped here (each index kept once), so every sample counts once, as in
+    :func:`collect_outputs`. Within one rank an index seen twice means ``test_step`` forwarded a sample
+    twice (e.g. several views): the outputs are not one forward per sample and are not used.
+    Collective under DDP: every rank must call it (it does, from the same hook)."""
+    capture = _CAPTURES.get(model)
+    trainer = model._trainer
+    # a method that overrides fit_reference may change what forward_eval returns once it is fitted (PALM's
+    # probe gives its logits): the test loop ran before the fit, so its outputs are not reused
+    refits = type(model).fit_reference is not OODMethod.fit_reference
+    usable = (
+        capture is not None and capture.valid and bool(capture.chunks) and trainer is not None and trainer.testing
+        and trainer.datamodule is datamodule and set(model.output_keys()) <= capture.keys and not refits
+    )
+    local: dict[str, Tensor] = {}
+    if usable:
+        local = {key: torch.cat([c[key] for c in capture.chunks]) for key in capture.chunks[0]}
+        usable = len(torch.unique(local["index"])) == len(local["index"])
+    _, world_size = world()
+    if not _all_ranks_agree(usable, device):
+        return None
+    if world_size > 1:
+        local = {key: torch.cat(_all_gather_uneven(value.to(device))).cpu() for key, value in local.items()}
+    order = torch.argsort(local["index"], stable=True)
+    index = local["index"][order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    outputs = {key: value[order[first]] for key, value in local.items()}
+    n = len(datamodule.test_dataset())
+    if not torch.equal(outputs["index"].cpu(), torch.arange(n)):  # identical on every rank: no deadlock
+        return None
+    check_finite_outputs(model, {k: v for k, v in outputs.items() if k in capture.keys}, "ID test")
+    return outputs
+
+
 def _first_batch(datamodule: OODDataModule, dataset: Dataset) -> dict[str, Tensor]:
     return next(iter(datamodule.eval_loader(dataset)))
 
@@ -181,9 +312,11 @@ def evaluate_model(
     tuned = tune_on_ood_val(model, datamodule, device, reference) if tune else {}
     model.fit_reference(reference)
 
-    id_outputs = collect_outputs(
-        model, datamodule, sample_eval_set(datamodule.test_dataset(), max_samples), device, "ID test"
-    )
+    id_outputs = captured_test_outputs(model, datamodule, device) if max_samples is None else None
+    if id_outputs is None:  # not inside a test loop (per-epoch evaluation, plain Trainer): one pass here
+        id_outputs = collect_outputs(
+            model, datamodule, sample_eval_set(datamodule.test_dataset(), max_samples), device, "ID test"
+        )
     id_scores = model.ood_scores(id_outputs)
     correct = int((id_outputs["logits"].argmax(1) == id_outputs["labels"]).sum().item())
     id_acc = correct / len(id_outputs["labels"])
@@ -208,6 +341,9 @@ def evaluate_model(
     }
     if max_samples is not None:
         meta["max_samples_per_set"] = max_samples
+    id_source = getattr(model, "id_accuracy_source", None)  # e.g. PALM: a linear probe, not the method's own head
+    if id_source:
+        meta["id_accuracy"] = str(id_source)
     if tuned:
         meta["tuned_on_ood_val"] = tuned
     report = build_report(id_acc, len(id_outputs["labels"]), per_set, datamodule.ood_groups, meta)

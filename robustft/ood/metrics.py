@@ -133,7 +133,50 @@ def _prepare(id_scores: ScoreArray, ood_scores: ScoreArray) -> tuple[Tensor, Ten
 
 
 def _id_positive_curve(id_scores: Tensor, ood_scores: Tensor) -> _Curve:
-    """The one sort: counts of ID (tps) and OOD (fps) with score >= each distinct score.
+    """Counts of ID (tps) and OOD (fps) with score >= each distinct score, thresholds decreasing.
+
+    On the CPU numpy's vectorised value sort (:func:`_id_positive_curve_merge`) is several times faster
+    than ``torch.sort`` with indices; on an accelerator the scores stay where they are
+    (:func:`_id_positive_curve_sort`). Both give identical integer counts."""
+    if id_scores.device.type == "cpu":
+        return _id_positive_curve_merge(id_scores, ood_scores)
+    return _id_positive_curve_sort(id_scores, ood_scores)
+
+
+def _id_positive_curve_merge(id_scores: Tensor, ood_scores: Tensor) -> _Curve:
+    """CPU: sort each set by value alone, then merge the two sorted runs with labels.
+
+    A value-only sort is the cheapest sort there is (numpy's is SIMD-vectorised); a stable argsort of the
+    two concatenated sorted runs is timsort finding two runs and merging them once, i.e. linear. The
+    merged order's labels are ``position < n_id``; the IDs strictly below each distinct value are a
+    cumulative count read at the value's first position, so the order *within* a run of ties (which a
+    merge leaves arbitrary between ID and OOD) never matters.
+    """
+    tps, fps = _curve_counts_numpy(id_scores.numpy(), ood_scores.numpy())
+    return _Curve(tps=torch.from_numpy(tps), fps=torch.from_numpy(fps), n_pos=id_scores.numel(), n_neg=ood_scores.numel())
+
+
+def _curve_counts_numpy(ids: np.ndarray, oods: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(tps, fps)`` of :func:`_id_positive_curve_merge` as float64 numpy arrays."""
+    n_id = len(ids)
+    n = n_id + len(oods)
+    two_runs = np.concatenate([np.sort(ids), np.sort(oods)])
+    order = np.argsort(two_runs, kind="stable")
+    merged = two_runs[order]
+    is_id = order < n_id
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(merged[1:], merged[:-1], out=first[1:])
+    starts = np.flatnonzero(first)  # ascending: first position of each distinct value
+    id_below = np.cumsum(is_id)[starts] - is_id[starts]  # IDs strictly below each distinct value
+    tps = (n_id - id_below)[::-1].astype(np.float64)  # decreasing thresholds: ID with score >= value
+    fps = (n - starts)[::-1].astype(np.float64)
+    fps -= tps
+    return tps, fps
+
+
+def _id_positive_curve_sort(id_scores: Tensor, ood_scores: Tensor) -> _Curve:
+    """The one sort (any device): counts of ID (tps) and OOD (fps) with score >= each distinct score.
 
     ID samples come first in the pooled vector, so a sorted position's label is just
     ``index < n_id``: no gather of a label tensor needed.
@@ -217,14 +260,34 @@ def _fpr_at_tpr(curve: _Curve, drop_intermediate: bool) -> Tensor:
     always succeeds. TPR is computed as ``tps / n_pos`` in float64 exactly like sklearn, so the
     ``>= 0.95`` comparison flips at the same point even when 0.95 * n_pos is an integer.
     """
-    tps, fps = curve.tps, curve.fps
-    if drop_intermediate:
-        keep = _collinear_mask(curve)
-        tps, fps = tps[keep], fps[keep]
-    tpr = tps / curve.n_pos
+    tpr = curve.tps / curve.n_pos
     level = torch.tensor([TPR_LEVEL], dtype=tpr.dtype, device=tpr.device)
-    first = torch.searchsorted(tpr, level)  # tpr is non-decreasing; left side = first >= level
-    return fps[first].squeeze(0) / curve.n_neg
+    first = int(torch.searchsorted(tpr, level).item())  # tpr is non-decreasing; left side = first >= level
+    if drop_intermediate:
+        # the kept points at or after `first` are exactly the kept points with tpr >= level
+        first = _first_kept_point(curve, first)
+    return curve.fps[first] / curve.n_neg
+
+
+def _first_kept_point(curve: _Curve, start: int) -> int:
+    """The first index ``>= start`` that :func:`_collinear_mask` keeps, looking only near ``start``.
+
+    Same rule (ends kept; an interior point kept where either count's second difference is non-zero),
+    read on a window that grows until it finds one, instead of a mask over the whole curve."""
+    m = curve.tps.numel()
+    if start == 0 or start >= m - 1:
+        return start
+    low, width = start, 256
+    while True:
+        high = min(low + width, m - 1)  # interior candidates low .. high-1
+        window = slice(low - 1, high + 1)
+        bend = (torch.diff(curve.fps[window], n=2) != 0) | (torch.diff(curve.tps[window], n=2) != 0)
+        hits = bend.nonzero()
+        if hits.numel():
+            return low + int(hits[0].item())
+        if high == m - 1:
+            return m - 1
+        low, width = high, width * 4
 
 
 def ood_metrics(id_scores: ScoreArray, ood_scores: ScoreArray) -> dict[str, float]:
@@ -245,7 +308,14 @@ def ood_metrics(id_scores: ScoreArray, ood_scores: ScoreArray) -> dict[str, floa
         TypeError: a set is complex, boolean or not numeric.
     """
     ids, oods = _prepare(id_scores, ood_scores)
-    id_pos = _id_positive_curve(ids, oods)
+    if ids.device.type == "cpu":
+        return _metrics_numpy(ids.numpy(), oods.numpy())
+    return _metrics_torch(ids, oods)
+
+
+def _metrics_torch(ids: Tensor, oods: Tensor) -> dict[str, float]:
+    """:func:`ood_metrics` on validated float64 tensors of any device (the accelerator path)."""
+    id_pos = _id_positive_curve_sort(ids, oods)
     ood_pos = _flip_curve(id_pos)
     values = torch.stack(
         [
@@ -257,6 +327,69 @@ def ood_metrics(id_scores: ScoreArray, ood_scores: ScoreArray) -> dict[str, floa
         ]
     )
     return dict(zip(METRIC_KEYS, values.tolist(), strict=True))  # one host sync for all five
+
+
+def _metrics_numpy(ids: np.ndarray, oods: np.ndarray) -> dict[str, float]:
+    """:func:`ood_metrics` on the CPU: the same formulas as the torch path over the same integer counts,
+    written as in-place numpy passes and dot products (every 10^6-long temporary costs as much as the
+    arithmetic on it). The OOD-positive curve (:func:`_flip_curve`) is two arrays read backwards."""
+    tps, fps = _curve_counts_numpy(ids, oods)
+    n_pos, n_neg = len(ids), len(oods)
+    out_tps = np.empty_like(fps)  # n_neg - (OOD above the threshold), reversed below
+    out_tps[0] = n_neg
+    np.subtract(n_neg, fps[:-1], out=out_tps[1:])
+    out_fps = np.empty_like(tps)
+    out_fps[0] = n_pos
+    np.subtract(n_pos, tps[:-1], out=out_fps[1:])
+    out_tps, out_fps = out_tps[::-1], out_fps[::-1]
+    values = (
+        _auroc_numpy(tps, fps, n_pos, n_neg),
+        _aupr_numpy(tps, fps, n_pos),
+        _aupr_numpy(out_tps, out_fps, n_neg),
+        _fpr_at_tpr_numpy(tps, fps, n_pos, n_neg, drop_intermediate=False),
+        _fpr_at_tpr_numpy(out_tps, out_fps, n_neg, n_pos, drop_intermediate=True),
+    )
+    return dict(zip(METRIC_KEYS, values, strict=True))
+
+
+def _step_sums(values: np.ndarray, origin: float, subtract: bool) -> np.ndarray:
+    """``values[k] -/+ values[k-1]`` with ``values[-1] = origin``, one new array."""
+    out = np.empty_like(values)
+    out[0] = values[0] - origin if subtract else values[0] + origin
+    (np.subtract if subtract else np.add)(values[1:], values[:-1], out=out[1:])
+    return out
+
+
+def _auroc_numpy(tps: np.ndarray, fps: np.ndarray, n_pos: int, n_neg: int) -> float:
+    """:func:`_auroc`: every product and partial sum is an integer below 2**53, so the dot is exact."""
+    return float(np.dot(_step_sums(fps, 0.0, True), _step_sums(tps, 0.0, False))) / (2.0 * n_pos * n_neg)
+
+
+def _aupr_numpy(tps: np.ndarray, fps: np.ndarray, n_pos: int) -> float:
+    """:func:`_aupr`: trapezoids from (recall 0, precision 1)."""
+    precision = tps + fps
+    np.divide(tps, precision, out=precision)
+    return float(np.dot(_step_sums(tps, 0.0, True), _step_sums(precision, 1.0, False))) / (2.0 * n_pos)
+
+
+def _fpr_at_tpr_numpy(tps: np.ndarray, fps: np.ndarray, n_pos: int, n_neg: int, drop_intermediate: bool) -> float:
+    """:func:`_fpr_at_tpr` (with :func:`_first_kept_point`'s local search)."""
+    first = int(np.searchsorted(tps / n_pos, TPR_LEVEL, side="left"))
+    m = len(tps)
+    if drop_intermediate and 0 < first < m - 1:
+        low, width = first, 256
+        while True:
+            high = min(low + width, m - 1)
+            bend = (np.diff(fps[low - 1 : high + 1], n=2) != 0) | (np.diff(tps[low - 1 : high + 1], n=2) != 0)
+            hits = np.flatnonzero(bend)
+            if len(hits):
+                first = low + int(hits[0])
+                break
+            if high == m - 1:
+                first = m - 1
+                break
+            low, width = high, width * 4
+    return float(fps[first]) / n_neg
 
 
 def roc_curve_points(
