@@ -9,6 +9,7 @@ from robustft.methods.finetune import Finetune
 from robustft.methods.levi import LEVI
 from robustft.methods.local_prompt import LocalPrompt
 from robustft.methods.look import LOOK
+from robustft.methods.palm import PALM
 from robustft.methods.zero_shot import ZeroShotCLIP
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "LOOK",
     "LocalPrompt",
     "OODMethod",
+    "PALM",
     "ZeroShotCLIP",
 ]

@@ -322,7 +322,7 @@ def test_score_classes_declare_the_contract():
             assert key in cls.hyperparameters() and values, name
     needs_fit = {n for n in SCORES.names() if SCORES.get(n).needs_fit}
     needs_head = {n for n in SCORES.names() if SCORES.get(n).needs_head}
-    assert needs_fit == {"knn", "mds", "rmds", "vim", "react"}
+    assert needs_fit == {"knn", "mds", "rmds", "vim", "react", "mahalanobis_global"}
     assert needs_head == {"vim", "react", "ash"}
     assert build_score("knn").hparams == {"k": 50, "feature_key": "features"}
     assert build_score("ash").hparams == {"percentile": 90.0, "variant": "ash_s", "feature_key": "features"}
@@ -420,7 +420,7 @@ def test_every_score_separates_gaussian_clusters():
 # feature_key: feature scores read any [N, D] output
 
 
-FEATURE_SCORES = ("knn", "mds", "rmds", "vim", "react", "ash")
+FEATURE_SCORES = ("knn", "mds", "rmds", "vim", "react", "ash", "mahalanobis_global")
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,8 @@ gen         :class:`GENScore`               generalized entropy of the top-M pro
 knn         :class:`KNNScore`               minus distance to the k-th nearest ID feature
 mds         :class:`MahalanobisScore`       minus min class-conditional Mahalanobis distance
 rmds        :class:`RelativeMahalanobisScore`  same, relative to a class-agnostic Gaussian
+mahalanobis_global  :class:`GlobalMahalanobisScore`  minus Mahalanobis distance to one Gaussian of all
+                                                 normalised ID features (PALM's evaluation)
 vim         :class:`ViMScore`               energy minus scaled residual norm (virtual logit)
 react       :class:`ReActScore`             energy after clipping features at an ID percentile
 ash         :class:`ASHScore`               energy after per-sample activation shaping

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from robustft.ood.scores.base import DEFAULT_FEATURE_KEY, SCORES, FeatureScore, Head, _dedupe, _result
 
-__all__ = ["KNNScore", "MahalanobisScore", "RelativeMahalanobisScore"]
+__all__ = ["GlobalMahalanobisScore", "KNNScore", "MahalanobisScore", "RelativeMahalanobisScore"]
 
 
 @SCORES.register("knn")
@@ -155,3 +155,49 @@ class RelativeMahalanobisScore(MahalanobisScore):
         z = raw.double() - self.center
         d0 = ((z @ self.background_precision) * z).sum(dim=1)
         return _result(d0 - self._class_distances(z).amin(dim=1), raw)
+
+
+@SCORES.register("mahalanobis_global")
+class GlobalMahalanobisScore(FeatureScore):
+    """Single-Gaussian (class-agnostic) Mahalanobis score, PALM's evaluation (Lu et al., ICLR 2024;
+    also CIDER / SSD with one cluster).
+
+    Fit on the ID training features ``f``: ``x = f / ||f||`` (``normalize``), then each dimension
+    standardised with the training mean ``m`` and (population) std ``s`` (``standardize``; a dimension
+    with zero std is only centred), ``z = (x - m) / s``; ``Sigma = 1/N sum_i z_i z_i^T`` (maximum
+    likelihood), precision ``pinv(Sigma)`` in float64. ``score = -z^T Sigma^+ z``: the features are
+    centred **once**. The official PALM code subtracts the raw feature mean a second time from the
+    already standardised features before the quadratic form (double centring); that quirk is not
+    reproduced, so absolute numbers can differ from the paper's. Without ``standardize`` the score is
+    ``-(x - m)^T pinv(cov(x)) (x - m)``.
+    """
+
+    name = "mahalanobis_global"
+    needs_fit = True
+    reference_requires = frozenset({DEFAULT_FEATURE_KEY})
+
+    def __init__(
+        self, *, normalize: bool = True, standardize: bool = True, feature_key: str = DEFAULT_FEATURE_KEY
+    ) -> None:
+        super().__init__(feature_key=feature_key)
+        self.normalize = bool(normalize)
+        self.standardize = bool(standardize)
+
+    def _prepare(self, raw: Tensor) -> Tensor:
+        x = raw.double()
+        return F.normalize(x, dim=1) if self.normalize else x
+
+    def _fit(self, reference: dict[str, Tensor], head: tuple[Tensor, Tensor] | None) -> None:
+        x = self._prepare(self.features(reference))
+        if len(x) == 0:
+            raise ValueError(f"score '{self.name}' needs at least one ID training feature")
+        self.center = x.mean(dim=0)
+        std = x.std(dim=0, unbiased=False)
+        self.scale = torch.where(std > 0, std, torch.ones_like(std)) if self.standardize else torch.ones_like(std)
+        z = (x - self.center) / self.scale
+        self.precision = torch.linalg.pinv(z.T @ z / len(z), hermitian=True)
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        raw = self.features(outputs)
+        z = (self._prepare(raw) - self.center) / self.scale
+        return _result(-((z @ self.precision) * z).sum(dim=1), raw)
