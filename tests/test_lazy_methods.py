@@ -34,3 +34,30 @@ def test_named_methods_are_requested_from_the_package(tmp_path: Path, monkeypatc
     monkeypatch.setattr(robustft.methods, "__getattr__", lazy, raising=False)
     import_named_methods(["fit", "--model=LazyMethod", "--model.class_path", "Classifier"])
     assert requested == ["LazyMethod"]  # Classifier is already imported: no lookup needed
+
+
+def _run(code: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_cli_imports_no_heavy_optional_library_until_a_method_needs_it() -> None:
+    """``fit --help`` and a ResNet run import the CLI and the eager methods only: open_clip (with timm and
+    transformers), webdataset and tensorboard load when a CLIP method, a shard stream or a logger is used."""
+    out = _run("import sys, robustft.cli, robustft.methods as m; m.Classifier; m.PALM; m.LOOK; m.LEVI; m.DROSSL\n"
+               "print(sorted(x for x in ('open_clip', 'timm', 'webdataset', 'tensorboard') if x in sys.modules))")
+    assert out.strip() == "[]"
+    out = _run("import sys, robustft.methods as m; m.CLIPN; print('open_clip' in sys.modules)")
+    assert out.strip() == "True"  # the lazy export imports its module on first access
+
+
+def test_a_lazily_exported_method_is_found_by_its_bare_name_in_a_subprocess(tmp_path: Path) -> None:
+    code = ("import sys\nfrom robustft.cli import main\n"
+            "try:\n    main(['fit', '--config', 'tests/conf/tiny_classifier.yaml', '--model', 'ZeroShotCLIP', "
+            "'--model.init_args.clip_model', 'robustft-micro-vit', '--print_config'])\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n")
+    assert "class_path: robustft.methods.ZeroShotCLIP" in _run(code)

@@ -14,13 +14,16 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from robustft.data.datamodule import OODDataModule
+
+if TYPE_CHECKING:  # webdataset is imported when a stream is built, not by `import robustft`
+    import webdataset as wds
+
 from robustft.data.shards import (
     LABEL_KEYS,
     TEXT_KEYS,
@@ -160,6 +163,8 @@ class WebDatasetTrainStream(IterableDataset):
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         """The webdataset pipeline of one worker of this rank for the current epoch."""
+        import webdataset as wds
+
         seed = _mix_seed(self.seed, self.epoch, self.rank, worker)
         if self.resampled:
             shards: IterableDataset = wds.ResampledShards(
