@@ -318,6 +318,9 @@ def evaluate_model(
             model, datamodule, sample_eval_set(datamodule.test_dataset(), max_samples), device, "ID test"
         )
     id_scores = model.ood_scores(id_outputs)
+    summaries: dict[str, Any] = {}
+    if (summary := model.summarize_outputs(id_outputs)) is not None:
+        summaries["id"] = summary
     correct = int((id_outputs["logits"].argmax(1) == id_outputs["labels"]).sum().item())
     id_acc = correct / len(id_outputs["labels"])
     per_set: dict[str, dict[str, dict[str, float]]] = {}
@@ -325,6 +328,8 @@ def evaluate_model(
     for name, dataset in datamodule.ood_datasets("test").items():
         outputs = collect_outputs(model, datamodule, sample_eval_set(dataset, max_samples), device, f"OOD '{name}'")
         scores = model.ood_scores(outputs)
+        if (summary := model.summarize_outputs(outputs)) is not None:
+            summaries[name] = summary
         all_ood_scores[name] = scores
         per_set[name] = {
             score: {**ood_metrics(id_scores[score], values), "n": len(values)} for score, values in scores.items()
@@ -346,5 +351,7 @@ def evaluate_model(
         meta["id_accuracy"] = str(id_source)
     if tuned:
         meta["tuned_on_ood_val"] = tuned
+    if summaries:
+        meta["set_summaries"] = summaries
     report = build_report(id_acc, len(id_outputs["labels"]), per_set, datamodule.ood_groups, meta)
     return EvaluationResult(report, id_scores, all_ood_scores, tuned)

@@ -213,6 +213,13 @@ class OODMethod(pl.LightningModule):
         """``{score name: [N] scores}``, higher = more in-distribution."""
         return {name: score(outputs) for name, score in self.scores.items()}
 
+    def summarize_outputs(self, outputs: dict[str, Tensor]) -> dict[str, Any] | None:
+        """Method-specific numbers about one evaluated set (the ID test set or an OOD set), written into
+        the report's ``meta["set_summaries"][<set>]``; ``None`` (the default) writes nothing. For what the
+        scores do not show, e.g. CLIPN's threshold-free OOD decisions (the fraction of a set each rule
+        calls OOD). Called once per set with the set's full, gathered evaluation outputs."""
+        return None
+
     # ------------------------------------------------------------------ Lightning plumbing
     def setup(self, stage: str) -> None:
         """Check the class count against the data, and hand the datamodule this model's preprocessing

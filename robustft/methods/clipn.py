@@ -275,6 +275,13 @@ class CLIPN(ZeroShotCLIP):
             **self.ood_scores(outputs),
         }
 
+    def summarize_outputs(self, outputs: dict[str, Tensor]) -> dict[str, Any]:
+        """The fraction of the set that each threshold-free rule calls OOD (report meta ``set_summaries``):
+        near 0 on the ID test set and near 1 on an OOD set is what CTW / ATD promise without a threshold."""
+        logits, no_logits = outputs["logits"].float(), outputs["no_logits"].float()
+        return {"ctw_ood_fraction": float(ctw_decision(logits, no_logits).float().mean()),
+                "atd_ood_fraction": float(atd_decision(logits, no_logits).float().mean())}
+
     # ------------------------------------------------------------------ training
     def caption_pairs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """``(yes_tokens [B, L], no_tokens [B, L])`` of a training batch.

@@ -349,6 +349,14 @@ def test_micro_fit_through_the_cli_then_evaluate_the_checkpoint(
     assert evaluated["meta"]["default_score"] == "atd"
     assert set(evaluated["ood"]) == {"tin", "mnist", "dtd"}
     assert set(evaluated["ood"]["mnist"]) == {"atd", "ctw", "mcm", "msp", "maxlogit", "energy"}
+    # the threshold-free decisions of both rules, summarised per set in the report's meta
+    summaries = evaluated["meta"]["set_summaries"]
+    assert set(summaries) == {"id", "tin", "mnist", "dtd"}
+    for summary in summaries.values():
+        assert set(summary) == {"ctw_ood_fraction", "atd_ood_fraction"}
+        assert all(0.0 <= v <= 1.0 for v in summary.values())
+    n_id = evaluated["id"]["n"]
+    assert all(round(v * n_id, 6).is_integer() for v in summaries["id"].values())  # a fraction of the ID samples
 
     # zero-shot CLIP on the same weights and data: classification and every yes-logit score are identical
     zs = json.loads(json.dumps(config))
@@ -391,3 +399,14 @@ def test_shipped_clipn_configs_instantiate(tmp_path: Path) -> None:
         if path.name == "cc3m_vit_b16.yaml":  # the paper's: 1000 ImageNet names, 80 templates as "{}" strings
             assert len(cli.model.class_names) == 1000 and len(cli.model.templates) == 80
             assert cli.model.templates[0].count("{}") == 1 and cli.model.prompt_no.shape[0] == 16
+
+
+def test_set_summary_is_the_fraction_each_rule_calls_ood() -> None:
+    """``summarize_outputs`` (report meta) agrees with the per-sample decisions of both rules."""
+    g = torch.Generator().manual_seed(0)
+    outputs = {"logits": 5 * torch.randn(40, 10, generator=g), "no_logits": 5 * torch.randn(40, 10, generator=g)}
+    summary = CLIPN.summarize_outputs(None, outputs)  # type: ignore[arg-type] - uses no model state
+    ctw_ood = ctw_decision(outputs["logits"], outputs["no_logits"])
+    atd_ood = atd_decision(outputs["logits"], outputs["no_logits"])
+    assert summary == {"ctw_ood_fraction": ctw_ood.float().mean().item(), "atd_ood_fraction": atd_ood.float().mean().item()}
+    assert 0 < summary["atd_ood_fraction"] < 1  # both outcomes occur on this input, so the check has teeth
