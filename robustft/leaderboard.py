@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m robustft.leaderboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", required=True, help="the cells YAML file")
     parser.add_argument("--out", required=True, help="output folder of the runs (reused by a rerun)")
-    parser.add_argument("--table", required=True, help="folder for leaderboard.{md,csv,json}")
+    parser.add_argument("--table", help="folder for leaderboard.{md,csv,json} (needed when a cell evaluates)")
     parser.add_argument("--only", nargs="*", help="run only these cells (and the cells they need)")
     parser.add_argument("--title", default="Leaderboard")
     args = parser.parse_args(argv)
@@ -404,7 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells, eval_sets = load_cells(args.cells)
         runs = run_cells(cells, args.out, eval_sets, only=args.only)
         ran = {r.name for r in runs}
-        table = build_table([c for c in cells if c.name in ran], args.out, {r.name: r.seconds for r in runs})
+        rows = [c for c in cells if c.name in ran and c.report is not None]
+        if not rows:  # e.g. experiments/robustness: `average` steps only, tabulated by their own script
+            print("[leaderboard] no cell has an evaluate step: every step ran, no leaderboard table to write")
+            return 0
+        if args.table is None:
+            raise LeaderboardError("--table is required when cells have evaluate steps (where leaderboard.md goes)")
+        table = build_table(rows, args.out, {r.name: r.seconds for r in runs})
         paths = write_table(table, args.table, args.title)
     except LeaderboardError as error:
         print(f"robustft.leaderboard: error: {error}", file=sys.stderr)
