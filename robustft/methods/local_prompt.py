@@ -44,7 +44,7 @@ from robustft.methods.local_prompt_ops import (
     regional_topk_values,
     select_views,
 )
-from robustft.methods.zero_shot import CLIP_STATE_KEY, ZeroShotCLIP
+from robustft.methods.zero_shot import ZeroShotCLIP
 from robustft.optim import WARMUP_COSINE
 
 __all__ = ["LocalPrompt"]
@@ -181,12 +181,7 @@ class LocalPrompt(ZeroShotCLIP):
         self._build_local_prompts()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # class names first: ``load_from_checkpoint`` without a datamodule starts with a provisional class
-        # count, which the base class would compare with the checkpoint's before ZeroShotCLIP restores them
-        saved = (checkpoint.get(CLIP_STATE_KEY) or {}).get("class_names")
-        if saved is not None and self._class_names is None:
-            self._set_class_names(saved, "the checkpoint's class names")
-        super().on_load_checkpoint(checkpoint)
+        super().on_load_checkpoint(checkpoint)  # ZeroShotCLIP restores the class names first
         if self._class_names is not None:
             self._build_local_prompts()  # before Lightning loads the state dict into them
 

@@ -243,13 +243,15 @@ class ZeroShotCLIP(OODMethod):
         checkpoint[CLIP_STATE_KEY] = {"class_names": self._class_names, **self.negatives.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
+        # class names first: ``load_from_checkpoint`` without a datamodule starts with a provisional class
+        # count, which the base class compares with the checkpoint's
         state = checkpoint.get(CLIP_STATE_KEY) or {}
         saved = state.get("class_names")
+        if saved is not None and self._class_names is None:
+            self._set_class_names(saved, "the checkpoint's class names")
+        super().on_load_checkpoint(checkpoint)
         if saved is not None:
-            if self._class_names is None:
-                self._set_class_names(saved, "the checkpoint's class names")
-            elif list(saved) != self._class_names:
+            if list(saved) != self._class_names:
                 rank_zero_warn(
                     f"the checkpoint was trained with class names {saved[:5]}... but the model now prompts with "
                     f"{self._class_names[:5]}...; evaluating with the current names"

@@ -147,6 +147,15 @@ def test_evaluate_of_cma_checkpoint_writes_mcm_and_neglabel_rows(cma_run) -> Non
     assert stored["negative_labels"]["noun"] and stored["negative_labels"]["adj"]
 
 
+def test_a_checkpoint_loads_without_the_datamodule_that_named_its_classes(cma_run) -> None:
+    """The class names came from the training data, not the config: ``load_from_checkpoint`` alone (a user
+    script, no datamodule) must restore them before the class count is checked."""
+    model = ContrastiveFinetune.load_from_checkpoint(cma_run.ckpt, map_location="cpu")
+    assert model.num_classes == len(NAMES)
+    batch = {"image": torch.zeros(2, 3, 32, 32), "index": torch.arange(2)}
+    assert model.eval().forward_eval(batch)["logits"].shape == (2, len(NAMES))
+
+
 def test_exported_weights_are_a_plain_open_clip_state_dict(clip_micro_pretrained) -> None:
     state = torch.load(clip_micro_pretrained.weights, map_location="cpu", weights_only=True)
     reference = open_clip.create_model(MICRO).state_dict()
