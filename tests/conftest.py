@@ -26,6 +26,18 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_is_restored() -> Iterator[None]:
+    """A test that changes torch's intra-op thread count must restore it: stored reports of later tests
+    are compared at a fixed thread count (float sums differ with it), so a leak fails them far away."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the test left torch.get_num_threads() at {after} (was {before}); use conftest.torch_threads")
+
+
 # ---- CLIP: a micro CLIP pre-trained once per session (tests/methods/test_clip_methods.py) -------------
 
 

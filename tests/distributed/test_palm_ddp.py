@@ -97,8 +97,12 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 def test_prototypes_identical_on_both_ranks_and_equal_to_one_process(tmp_path: Path) -> None:
     mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    single = _run(None, 1)
+    try:
+        single = _run(None, 1)
+    finally:  # restored: later tests compare thread-count-sensitive stored reports
+        torch.set_num_threads(threads)
     for step in range(STEPS):
         assert torch.equal(ranks[0]["prototypes"][step], ranks[1]["prototypes"][step]), step
         torch.testing.assert_close(ranks[0]["prototypes"][step], single["prototypes"][step], atol=1e-6, rtol=1e-5)
