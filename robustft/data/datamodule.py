@@ -20,6 +20,7 @@ Training batch layouts (evaluation batches are always ``{"image": [B, C, H, W], 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -225,6 +226,10 @@ class OODDataModule(pl.LightningDataModule):
             order = coarse ids). ``model.num_classes`` is then the number of superclasses. OOD sets are
             untouched. Checked against each set's class names when it loads
             (:func:`robustft.data.sources.resolve_label_map`).
+        device_augmentation: decode the training set once into a uint8 tensor and run the training
+            augmentation (``crop_flip`` or ``none``, any ``n_views``) and the normalisation on the
+            accelerator, batch-wise (:mod:`robustft.data.device_augment`): for small images on a GPU,
+            where per-image PIL transforms starve it. Off by default.
     """
 
     def __init__(
@@ -248,6 +253,7 @@ class OODDataModule(pl.LightningDataModule):
         unlabeled: dict[str, DatasetSpec] | list[DatasetSpec] | None = None,
         unlabeled_batch_size: int | None = None,
         label_map: LabelMap | None = None,
+        device_augmentation: bool = False,
     ) -> None:
         super().__init__()
         try:
@@ -302,6 +308,11 @@ class OODDataModule(pl.LightningDataModule):
                 f"got {type(label_map).__name__}"
             )
         self.label_map = label_map
+        if device_augmentation:
+            from robustft.data.device_augment import check_device_augmentation
+
+            check_device_augmentation(augmentation, bool(self.unlabeled_specs))
+        self.device_augmentation = device_augmentation
         self.unlabeled_batch_size = batch_size if unlabeled_batch_size is None else unlabeled_batch_size
         self._cache: dict[tuple, CachedDataset] = {}
         self._loaded: dict[str, LabeledImages] = {}
@@ -405,8 +416,15 @@ class OODDataModule(pl.LightningDataModule):
             )
 
     # ----------------------------------------------------------------------------------- datasets
-    def train_dataset(self) -> IndexedDataset:
+    def train_dataset(self) -> Dataset:
         cfg = self.resolve_preprocess()
+        if getattr(self, "device_augmentation", False):  # decoded once, augmented on the device
+            from robustft.data.device_augment import UInt8TrainingSet
+
+            decoded = getattr(self, "_decoded_train", None)  # (cfg, set): not counted in eval_cache_mb
+            if decoded is None or decoded[0] != cfg:
+                decoded = self._decoded_train = (cfg, UInt8TrainingSet(self.train_images, cfg, self._train_indices))
+            return decoded[1]
         transform = train_transform(cfg, self.augmentation)
         return IndexedDataset(self.train_images, transform, self._train_indices, n_views=self.n_views)
 
@@ -507,12 +525,34 @@ class OODDataModule(pl.LightningDataModule):
         self._train_resume_state = state_dict.get("train_loader")
         self._unlabeled_resume_state = state_dict.get("unlabeled_loader")
 
+    def _distributed_eval_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under DDP, each rank's disjoint, unpadded shard of ``dataset`` (``rank::world_size``), so that
+        ``val/acc`` and ``test/acc`` count every sample exactly once (Lightning's own sampler would pad the
+        ranks with repeats). ``None`` (Lightning's default) in a single process."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        from robustft.evaluation.distributed import UnpaddedDistributedSampler  # engine imports this module
+
+        return UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``device_augmentation``, augment and normalise uint8 training batches on their device
+        (evaluation batches are float already and pass through)."""
+        image = batch.get("image") if getattr(self, "device_augmentation", False) and isinstance(batch, dict) else None
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+            from robustft.data.device_augment import augment_batch
+
+            batch = {**batch, "image": augment_batch(image, self.resolve_preprocess(), self.augmentation, self.n_views)}
+        return batch
+
     def val_dataloader(self) -> DataLoader | list:
         dataset = self.val_dataset()
-        return self.eval_loader(dataset) if dataset is not None else []
+        return self.eval_loader(dataset, self._distributed_eval_sampler(dataset)) if dataset is not None else []
 
     def test_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.test_dataset())
+        dataset = self.test_dataset()
+        return self.eval_loader(dataset, self._distributed_eval_sampler(dataset))
 
     def predict_dataloader(self) -> DataLoader:
         return self.eval_loader(self.test_dataset())

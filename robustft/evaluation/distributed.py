@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 
 def world() -> tuple[int, int]:
@@ -36,6 +37,27 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world_size))
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """:class:`ShardSampler`'s indices (``rank::world_size``, no padding) as a ``DistributedSampler``.
+
+    Lightning replaces the sampler of every evaluation loader that is not a ``DistributedSampler`` with
+    its own, which pads the ranks with repeats of the first samples; those repeats would count twice in
+    ``val/acc`` / ``test/acc``. Being a ``DistributedSampler`` subclass, this one is kept as it is. Ranks
+    may then run different numbers of batches, so evaluation steps must not run collectives (the metrics
+    are reduced once, at the end of the epoch: ``OODMethod._log_eval_sums``)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.shard = ShardSampler(len(dataset), rank, num_replicas)  # type: ignore[arg-type]
+        self.num_samples = len(self.shard)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard)
+
+    def __len__(self) -> int:
+        return len(self.shard)
 
 
 def _all_gather_uneven(tensor: Tensor) -> list[Tensor]:

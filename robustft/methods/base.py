@@ -402,17 +402,62 @@ class OODMethod(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation steps
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
         logits = self.forward_eval(batch)["logits"]
-        labels = batch["label"]
-        n = len(labels)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=n)
-        acc = (logits.argmax(dim=1) == labels).float().mean()
-        self.log(f"{stage}/acc", acc, prog_bar=True, sync_dist=True, batch_size=n)
+        self.accumulate_eval_metrics(stage, logits, batch["label"])
+
+    def accumulate_eval_metrics(self, stage: str, logits: Tensor, labels: Tensor) -> None:
+        """Add one batch to ``<stage>/acc`` and ``<stage>/loss`` (logged at the end of the epoch).
+
+        Kept as sums (correct count, sample count, summed cross-entropy) on the device, reduced across
+        ranks once per epoch, so the logged accuracy is exactly ``correct / n`` over the whole set, equal
+        to the report's ``id.acc``. Lightning's ``self.log(..., sync_dist=True)`` would instead average
+        per-rank float32 means, wrong as soon as ranks hold different numbers of samples; with the
+        datamodule's unpadded distributed sampler they do (and a padded one counts repeats)."""
+        sums = self._eval_sums.get(stage)
+        counts = torch.stack([(logits.argmax(dim=1) == labels).sum(), labels.new_tensor(len(labels))])
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum").reshape(1)
+        self._eval_sums[stage] = (counts, loss) if sums is None else (sums[0] + counts, sums[1] + loss)
+
+    @property
+    def _eval_sums(self) -> dict[str, tuple[Tensor, Tensor]]:
+        if "_eval_sums_store" not in self.__dict__:
+            self.__dict__["_eval_sums_store"] = {}
+        return self.__dict__["_eval_sums_store"]
+
+    def _log_eval_sums(self, stage: str) -> None:
+        """Reduce this epoch's sums across ranks and log ``<stage>/acc`` and ``<stage>/loss``.
+
+        Every rank takes part (a rank whose shard was empty contributes zeros), and nothing is logged
+        when no rank accumulated anything (e.g. a method whose own ``_eval_step`` logs other metrics)."""
+        sums = self._eval_sums.pop(stage, None)
+        if sums is None:
+            sums = (torch.zeros(2, dtype=torch.long, device=self.device), torch.zeros(1, device=self.device))
+        counts = self.trainer.strategy.reduce(sums[0].clone(), reduce_op="sum")
+        loss = self.trainer.strategy.reduce(sums[1].clone(), reduce_op="sum")
+        correct, n = (int(v) for v in counts.tolist())
+        if n == 0:
+            return
+        # identical on every rank after the reduction: "max" keeps the value bit for bit (no warning that
+        # an epoch-level value is not synced, no rounding of a mean)
+        self.log(f"{stage}/loss", float(loss.item()) / n, sync_dist=True, reduce_fx="max")
+        self.log(f"{stage}/acc", correct / n, prog_bar=True, sync_dist=True, reduce_fx="max")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums.pop("val", None)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_sums("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums.pop("test", None)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_sums("test")
 
     def on_predict_start(self) -> None:
         """Fit the scores that need ID training statistics (KNN, MDS, ViM, ...) on the datamodule's
