@@ -178,11 +178,17 @@ def _resolve_globs(argv: Sequence[str], cell: str) -> list[str]:
     return resolved
 
 
+_OUTPUT_FLAGS = ("--trainer.default_root_dir", "--trainer.logger.init_args.save_dir")
+
+
 def _resume_args(argv: list[str], out: Path) -> list[str]:
-    """An unfinished ``fit`` resumes from the newest ``last.ckpt`` under the cell's folder."""
+    """An unfinished ``fit`` resumes from the newest ``last.ckpt`` in its own output folders (the values of
+    its ``--trainer.default_root_dir`` / ``--trainer.logger.init_args.save_dir``; the cell's folder when
+    it names neither), never from another step's checkpoint (a pre-training's, for a probe step)."""
     if argv[0] != "fit" or "--ckpt_path" in argv:
         return argv
-    last = sorted(out.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    folders = [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in _OUTPUT_FLAGS] or [out]
+    last = sorted({p for f in folders if f.is_dir() for p in f.rglob("last.ckpt")}, key=lambda p: p.stat().st_mtime)
     return argv + ["--ckpt_path", str(last[-1])] if last else argv
 
 

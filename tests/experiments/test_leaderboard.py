@@ -122,6 +122,20 @@ def test_an_unfinished_fit_resumes_from_its_last_checkpoint(tmp_path: Path, fake
     assert _calls(log) == [f"-m robustft fit --config m.yaml --ckpt_path {ckpt}"]
 
 
+def test_a_later_fit_step_never_resumes_from_an_earlier_steps_checkpoint(tmp_path: Path, fake_python) -> None:
+    python, log = fake_python
+    root = tmp_path / "runs"
+    pretrain = root / "a" / "pretrain" / "checkpoints" / "last.ckpt"
+    pretrain.parent.mkdir(parents=True)
+    pretrain.write_bytes(b"")  # step 1 finished: its checkpoint stays in its own folder
+    spec = {"a": {"steps": ["fit --trainer.default_root_dir {out}/pretrain", "fit --trainer.default_root_dir {out}/probe"]}}
+    cells, _ = lb.load_cells(_write_cells(tmp_path, spec))
+    lb.run_cells(cells, root, only=None, python=python, echo=lambda _: None)
+    calls = _calls(log)
+    assert calls[1] == f"-m robustft fit --trainer.default_root_dir {root / 'a' / 'probe'}"  # a fresh probe
+    assert calls[0].endswith(f"--ckpt_path {pretrain}")  # the unfinished pre-training itself does resume
+
+
 def test_only_runs_the_named_cells_and_what_they_need(tmp_path: Path, fake_python) -> None:
     python, _ = fake_python
     spec = {"pre": {"steps": ["fit --p"]}, "a": {"steps": ["fit --a"], "needs": ["pre"]}, "b": {"steps": ["fit --b"]}}
