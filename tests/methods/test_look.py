@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from micro_cli import assert_matches_expected_report
 
 from robustft.data import OODDataModule
 from robustft.methods.look import LOOK, ExportBackbone
@@ -386,9 +386,7 @@ def test_micro_look_fit_export_probe_then_evaluate(tmp_path: Path, monkeypatch: 
     assert evaluated["id"]["n"] == 200 and set(evaluated["ood"]) == {"dtd"}
     assert evaluated["id"]["acc"] > 0.25  # 10 fine classes (chance 0.1) after 4 probe steps on a random head
     assert evaluated["ood"]["dtd"]["knn"]["auroc"] > 0.55
-    if os.environ.get("ROBUSTFT_UPDATE_EXPECTED"):
-        EXPECTED_REPORT.write_text(json.dumps({k: v for k, v in evaluated.items() if k != "meta"}, indent=2) + "\n")
-    assert compare_reports(json.loads(EXPECTED_REPORT.read_text()), evaluated, atol=2e-3) == []
+    assert_matches_expected_report(evaluated, EXPECTED_REPORT)
 
 
 def test_export_backbone_refuses_a_method_without_backbone() -> None:
