@@ -28,7 +28,7 @@ from rft_dist_utils import callback, free_port, run_cli, tiny_config, write_conf
 from torch import nn
 
 from robustft.methods.palm import PALM
-from robustft.methods.palm_prototypes import assignment_weights, class_mask, ema_update, sinkhorn
+from robustft.methods.palm.prototypes import assignment_weights, class_mask, ema_update, sinkhorn
 
 pytestmark = pytest.mark.slow
 

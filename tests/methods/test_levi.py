@@ -31,7 +31,7 @@ from robustft.cli import main
 from robustft.data import OODDataModule
 from robustft.methods.base import ConfigMismatchError
 from robustft.methods.levi import LEVI
-from robustft.methods.levi_modules import SmallCNN, mlp_head
+from robustft.methods.levi.modules import SmallCNN, mlp_head
 from robustft.ood.report import compare_reports
 
 REPO = Path(__file__).resolve().parents[2]

@@ -29,7 +29,7 @@ from robustft.backbones.clip import PromptLearner
 from robustft.cli import main
 from robustft.methods.base import ConfigMismatchError
 from robustft.methods.local_prompt import LocalPrompt
-from robustft.methods.local_prompt_ops import (
+from robustft.methods.local_prompt.ops import (
     diversity_loss,
     negative_local_loss,
     positive_local_loss,

@@ -26,7 +26,7 @@ from micro_cli import assert_matches_expected_report
 
 from robustft.data import OODDataModule
 from robustft.methods.look import LOOK, ExportBackbone
-from robustft.methods.look_loss import knn_loss
+from robustft.methods.look.loss import knn_loss
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_REPORT = REPO / "tests" / "expected" / "look_micro_report.json"

@@ -32,7 +32,7 @@ from robustft.cli import main
 from robustft.data import OODDataModule
 from robustft.methods.base import ConfigMismatchError
 from robustft.methods.palm import PALM, fit_linear_probe
-from robustft.methods.palm_prototypes import (
+from robustft.methods.palm.prototypes import (
     assignment_weights,
     class_mask,
     ema_update,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from robustft.backbones.clip import TextTower, freeze
 from robustft.data.captions import caption_codes, check_templates
-from robustft.methods.clipn_ops import clipn_losses, negate_templates
+from robustft.methods.clipn.ops import clipn_losses, negate_templates
 from robustft.methods.finetune import resolve_class_names, resolve_templates
 from robustft.methods.zero_shot import ZeroShotCLIP
 from robustft.ood.clipn_scores import atd_decision, ctw_decision

@@ -9,7 +9,7 @@ image's k nearest neighbours (itself excluded) share its label, so a class may k
 - key encoder = an EMA copy of both (:class:`~robustft.training_state.EMAModule`), updated at the start
   of each step (MoCo's order) and never trained by gradients;
 - memory = :class:`~robustft.training_state.LabeledQueue` of ``(key, label, sample id)``;
-- loss = :func:`~robustft.methods.look_loss.knn_loss` of the query view against the other view's keys
+- loss = :func:`~robustft.methods.look.loss.knn_loss` of the query view against the other view's keys
   of the (global) batch plus the queue, leave-one-out by sample id (the dataset position in
   ``batch["index"]``), hard top-k, temperature; then the global batch's keys are enqueued.
 
@@ -50,7 +50,7 @@ from robustft.backbones import create_backbone
 from robustft.backbones.base import PreprocessConfig
 from robustft.io import atomic_torch_save
 from robustft.methods.base import OODMethod
-from robustft.methods.look_loss import (
+from robustft.methods.look.loss import (
     LOSS_FORMS,
     ORPHAN_POLICIES,
     knn_class_probs,
@@ -94,7 +94,7 @@ class LOOK(OODMethod):
         temperature: tau of the soft vote [CHOICE, default 0.1].
         queue_size: memory entries [CHOICE, default 4096]; also used for evaluation's kNN classifier.
         momentum: EMA momentum m of the key encoder [CHOICE, default 0.99: short runs; paper-scale 0.999].
-        orphans: ``guard`` | ``drop`` | ``positive`` (:mod:`robustft.methods.look_loss`) [CHOICE: guard].
+        orphans: ``guard`` | ``drop`` | ``positive`` (:mod:`robustft.methods.look.loss`) [CHOICE: guard].
         loss_form: ``look`` or ``supcon`` (the SupCon-style control on the same memory).
         leave_one_out: exclude every key with the query's sample id (LOOK: true).
         key_buffers: the key encoder's BatchNorm statistics, ``copy`` (from the query encoder at every

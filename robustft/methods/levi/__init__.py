@@ -9,10 +9,10 @@ reading* of the paper's description, with every choice configurable and marked [
    (through ``peft``) is an option.
 2. A set S of F's feature levels is read in one pass with ``backbone.forward_intermediates(images, S)``
    (no forward hooks, hence nothing to duplicate or remove when a model is reloaded) and each level
-   is pooled at once (:func:`~robustft.methods.levi_modules.pool_view`): ``h_l`` of width ``d_l``.
-3. G (:func:`~robustft.methods.levi_modules.build_small_model`, a small CNN by default) gives ``u``
+   is pooled at once (:func:`~robustft.methods.levi.modules.pool_view`): ``h_l`` of width ``d_l``.
+3. G (:func:`~robustft.methods.levi.modules.build_small_model`, a small CNN by default) gives ``u``
    of width ``d_s``.
-4. The adapting layers (:class:`~robustft.methods.levi_modules.LayerwiseAdapter`) LayerNorm each
+4. The adapting layers (:class:`~robustft.methods.levi.modules.LayerwiseAdapter`) LayerNorm each
    view and either concatenate them into one MLP (``concat``, default) or average the logits of one
    head per F layer (``per_layer``).
 5. Loss: cross-entropy only; weight decay comes from the optimizer.
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from robustft.backbones import create_backbone
 from robustft.backbones.base import PreprocessConfig, resolve_indices
 from robustft.methods.base import ConfigMismatchError, OODMethod
-from robustft.methods.levi_modules import (
+from robustft.methods.levi.modules import (
     DEFAULT_SMALL_MODEL,
     TOKEN_POOLS,
     LayerwiseAdapter,

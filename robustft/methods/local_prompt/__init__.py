@@ -9,7 +9,7 @@ frozen and learns only *local* prompts, matched against MaskCLIP-style per-patch
 * global-prompt-guided negative augmentation: of the V random-resized-crop views of an image
   (``data.n_views: 16``, ``data.augmentation: random_resized_crop_full``), the ``num_pos`` views most
   similar to the true class under the frozen global prompt are positives and the least similar is the
-  negative (:func:`~robustft.methods.local_prompt_ops.select_views`);
+  negative (:func:`~robustft.methods.local_prompt.ops.select_views`);
 * losses ``L_pos + λ_neg·L_neg + λ_div·L_div`` (5 and 0.5), logged as ``local_pos``, ``local_neg``,
   ``neg_div`` (each already weighted); one optimizer step per positive view (``step_per: view``, the
   paper's trainer, manual optimisation) or one step on their mean (``step_per: batch``, cheaper, NOT
@@ -20,7 +20,7 @@ frozen and learns only *local* prompts, matched against MaskCLIP-style per-patch
   inference only (the paper's "extensible" claim, issue #4 of the official repo).
 
 Few-shot subsets come from the datamodule (``data.shots_per_class``, ``data.shots_seed``), identical
-for every method. The formulas live in :mod:`robustft.methods.local_prompt_ops`.
+for every method. The formulas live in :mod:`robustft.methods.local_prompt.ops`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from robustft.backbones.clip import PromptLearner, freeze
 from robustft.methods.base import ConfigMismatchError
-from robustft.methods.local_prompt_ops import (
+from robustft.methods.local_prompt.ops import (
     diversity_loss,
     local_aware_logits,
     negative_local_loss,

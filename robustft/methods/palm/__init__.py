@@ -1,7 +1,7 @@
 """PALM: learning with a mixture of prototypes for OOD detection (Lu et al., ICLR 2024).
 
 Spec: ``../shared/specs/methods-ood-detection.md`` section 4. The pure prototype arithmetic (Sinkhorn,
-masks, EMA, the two losses) is in :mod:`robustft.methods.palm_prototypes`; this module is the
+masks, EMA, the two losses) is in :mod:`robustft.methods.palm.prototypes`; this module is the
 LightningModule around it.
 
 Model: a backbone (trainable) plus an MLP projection head ``Linear(D, H), ReLU, Linear(H, 128)`` whose
@@ -60,8 +60,8 @@ from torch import Tensor, nn
 from robustft.backbones import Backbone, TimmBackbone, WeightsError, create_backbone, load_backbone_weights
 from robustft.backbones.base import PreprocessConfig
 from robustft.methods.base import ConfigMismatchError, OODMethod
-from robustft.methods.palm_probe import fit_linear_probe
-from robustft.methods.palm_prototypes import (
+from robustft.methods.palm.probe import fit_linear_probe
+from robustft.methods.palm.prototypes import (
     assignment_weights,
     class_mask,
     ema_update,
